@@ -1,0 +1,94 @@
+"""Write one model folder of a model repository, atomically: build in a temporary folder, then rename."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+
+from export.manifest import ONNX_FILE, TORCHSCRIPT_FILE, Manifest, sha256_file
+from export.models import LoadedModel
+from export.trace import ONNX_OPSET, PARITY_TOLERANCE, export_onnx, export_torchscript, io_specs, measure_parity
+
+logger = logging.getLogger(__name__)
+
+
+class ParityError(RuntimeError):
+    """An exported artifact disagrees with eager PyTorch beyond PARITY_TOLERANCE."""
+
+
+def export_model(loaded: LoadedModel, repository: Path) -> Manifest:
+    """Export a loaded model to repository/<name>/ (model.onnx, model.pt, manifest.json) and return its manifest.
+
+    Nothing is left half-written: the folder appears complete or not at all, and an existing
+    folder of the same name is replaced only once the new one is complete and passes parity.
+    """
+    spec, module = loaded.spec, loaded.module
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=repository))
+    try:
+        export_onnx(module, staging / ONNX_FILE)
+        export_torchscript(module, staging / TORCHSCRIPT_FILE)
+        parity = measure_parity(module, staging, ONNX_FILE, TORCHSCRIPT_FILE)
+        worst = max(parity.values())
+        if not worst <= PARITY_TOLERANCE:
+            raise ParityError(
+                f"{spec.name}: artifacts differ from eager PyTorch by {worst:.3g} (> {PARITY_TOLERANCE:g}): {parity}"
+            )
+        inputs, outputs = io_specs(module)
+        manifest = Manifest(
+            name=spec.name,
+            kind=spec.kind,
+            input_size=spec.input_size,
+            hidden_size=spec.hidden_size,
+            num_layers=spec.num_layers,
+            nonlinearity=spec.nonlinearity,
+            bias=spec.bias,
+            alphabet=spec.alphabet,
+            onnx_opset=ONNX_OPSET,
+            onnx_inputs=inputs,
+            onnx_outputs=outputs,
+            artifacts={name: sha256_file(staging / name) for name in (ONNX_FILE, TORCHSCRIPT_FILE)},
+            weights=loaded.weights,
+            versions={
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "python": platform.python_version(),
+            },
+            parity={**parity, "tolerance": PARITY_TOLERANCE, "device": "cpu", "dtype": "float32"},
+        )
+        manifest.validate()
+        manifest.write(staging)
+        _replace(staging, repository / spec.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(
+        "exported %s (%s, %d layer(s), hidden %d, alphabet of %d) to %s; max abs error onnx %.2g, torchscript %.2g",
+        spec.name, spec.kind, spec.num_layers, spec.hidden_size, spec.input_size, repository / spec.name,
+        parity["onnx_max_abs_error"], parity["torchscript_max_abs_error"],
+    )
+    return manifest
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Move a complete staging folder into place, replacing an existing target only after the move succeeds."""
+    os.chmod(staging, 0o755)
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    retired.rmdir()
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except BaseException:
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,7 @@
+"""python -m server: same as charrnn-server."""
+
+import sys
+
+from server.main import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""Server settings: command-line flags, each with a CHARRNN_* environment variable as its default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.runtime import DEVICES
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything the server is told at start-up."""
+
+    repository: Path
+    """Model repository written by charrnn-export."""
+    address: str
+    """Interface to listen on."""
+    port: int
+    """gRPC port; 0 picks a free one (see port_file)."""
+    device: str
+    """auto (CUDA provider first, CPU fallback), cuda (fail unless CUDA runs) or cpu."""
+    grace_seconds: float
+    """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
+    max_words: int
+    """Words per request or stream message."""
+    max_word_length: int
+    """Characters per word."""
+    max_message_bytes: int
+    """Largest gRPC message received or sent."""
+    metrics_port: int
+    """Prometheus /metrics HTTP port; -1 disables, 0 picks a free one."""
+    log_level: str
+    """Logging level name."""
+    batching: bool
+    """Merge concurrent requests for one model into one onnxruntime run."""
+    max_batch_words: int
+    """Largest merged batch, in words."""
+    max_queue_delay_ms: float
+    """How long a non-full batch waits for company; 0 never waits."""
+    max_queue_words: int
+    """Words allowed to wait per model before RESOURCE_EXHAUSTED."""
+    intra_op_threads: int
+    """onnxruntime intra-op threads per session; 0 lets onnxruntime choose."""
+    executor_threads: int
+    """Threads running onnxruntime sessions (off the event loop)."""
+    port_file: Path | None
+    """If set, the bound gRPC and metrics ports are written here as JSON once serving."""
+
+
+def _env(environ: Mapping[str, str], name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+    value = environ.get(name)
+    return default if value in (None, "") else convert(value)
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {value!r}")
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The charrnn-server command line; defaults come from the environment."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="charrnn-server",
+        description="Serve a model repository (charrnn-export) over gRPC with onnxruntime.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--repository", type=Path, default=Path(_env(env, "CHARRNN_REPOSITORY", "./model_repository")),
+        help="model repository (env CHARRNN_REPOSITORY)")
+    add("--address", default=_env(env, "CHARRNN_ADDRESS", "0.0.0.0"), help="listen address (env CHARRNN_ADDRESS)")
+    add("--port", type=int, default=_env(env, "CHARRNN_PORT", 50051, int),
+        help="gRPC port, 0 for any free port (env CHARRNN_PORT)")
+    add("--device", choices=DEVICES, default=_env(env, "CHARRNN_DEVICE", "auto"),
+        help="auto: CUDA provider first, CPU fallback; cuda: fail unless CUDA runs; cpu (env CHARRNN_DEVICE)")
+    add("--grace-seconds", type=float, default=_env(env, "CHARRNN_GRACE_SECONDS", 10.0, float),
+        help="time in-flight requests get on SIGTERM/SIGINT (env CHARRNN_GRACE_SECONDS)")
+    add("--max-words", type=int, default=_env(env, "CHARRNN_MAX_WORDS", 4096, int),
+        help="words per request or stream message (env CHARRNN_MAX_WORDS)")
+    add("--max-word-length", type=int, default=_env(env, "CHARRNN_MAX_WORD_LENGTH", 256, int),
+        help="characters per word (env CHARRNN_MAX_WORD_LENGTH)")
+    add("--max-message-bytes", type=int, default=_env(env, "CHARRNN_MAX_MESSAGE_BYTES", 64 * 1024 * 1024, int),
+        help="largest gRPC message received or sent (env CHARRNN_MAX_MESSAGE_BYTES)")
+    add("--metrics-port", type=int, default=_env(env, "CHARRNN_METRICS_PORT", 9090, int),
+        help="Prometheus /metrics port; -1 disables, 0 any free port (env CHARRNN_METRICS_PORT)")
+    add("--log-level", default=_env(env, "CHARRNN_LOG_LEVEL", "INFO"), help="logging level (env CHARRNN_LOG_LEVEL)")
+    add("--batching", action=argparse.BooleanOptionalAction, default=_env(env, "CHARRNN_BATCHING", True, _flag),
+        help="dynamic batching of concurrent requests (env CHARRNN_BATCHING)")
+    add("--max-batch-words", type=int, default=_env(env, "CHARRNN_MAX_BATCH_WORDS", 4096, int),
+        help="largest merged batch in words (env CHARRNN_MAX_BATCH_WORDS)")
+    add("--max-queue-delay-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_DELAY_MS", 0.0, float),
+        help="how long a non-full batch waits for more requests; 0 never waits (env CHARRNN_MAX_QUEUE_DELAY_MS)")
+    add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", 65536, int),
+        help="words waiting per model before RESOURCE_EXHAUSTED (env CHARRNN_MAX_QUEUE_WORDS)")
+    add("--intra-op-threads", type=int, default=_env(env, "CHARRNN_INTRA_OP_THREADS", 1, int),
+        help="onnxruntime intra-op threads per session, 0 = onnxruntime's choice (env CHARRNN_INTRA_OP_THREADS)")
+    add("--executor-threads", type=int, default=_env(env, "CHARRNN_EXECUTOR_THREADS", 2, int),
+        help="threads running onnxruntime off the event loop (env CHARRNN_EXECUTOR_THREADS)")
+    add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", None, Path),
+        help="write the bound ports here as JSON once serving (env CHARRNN_PORT_FILE)")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse flags (and environment defaults) into a checked ServerConfig."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    for name in ("max_words", "max_word_length", "max_message_bytes", "max_batch_words", "max_queue_words",
+                 "executor_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0:
+        parser.error("--grace-seconds and --max-queue-delay-ms cannot be negative")
+    return ServerConfig(**vars(args))

@@ -1,0 +1,185 @@
+"""The wire-independent core: encode(model, words, states) -> per-word results.
+
+word -> indices -> (batcher) one-hot batch -> onnxruntime -> per-word results. The gRPC service, and any
+other front (a KServe V2 endpoint, say), only translate to and from these types.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from server.alphabet import EncodedWords
+from server.batcher import Batcher, BatchSettings, DirectRunner, RunObserver, RunStats
+from server.errors import InvalidRequestError, InvalidWordError, ModelNotFoundError, RequestTooLargeError
+from server.runtime import ModelRuntime
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_words: int = 4096
+    """Words per request (and per stream message)."""
+    max_word_length: int = 256
+    """Characters per word."""
+
+
+@dataclass(frozen=True, slots=True)
+class InitialState:
+    """A word's starting state: hidden [num_layers, hidden_size], cell likewise (LSTM only)."""
+
+    hidden: npt.NDArray[np.float32]
+    cell: npt.NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WordEncoding:
+    """One word's results: outputs [length, hidden], hidden [num_layers, hidden], cell [num_layers, hidden] (LSTM)."""
+
+    word: str
+    outputs: npt.NDArray[np.float32]
+    hidden: npt.NDArray[np.float32]
+    cell: npt.NDArray[np.float32] | None
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeResult:
+    """Per-word results in request order; a word that could not be encoded holds its error instead."""
+
+    model: ModelRuntime
+    words: list[WordEncoding | InvalidWordError]
+    stats: RunStats | None
+
+
+class Engine:
+    """Owns the loaded models and their runners; thread-unsafe, used from one event loop."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelRuntime],
+        limits: Limits,
+        batching: BatchSettings | None,
+        executor_threads: int = 2,
+        observer: RunObserver | None = None,
+    ) -> None:
+        self.models = models
+        self.limits = limits
+        self._executor = ThreadPoolExecutor(max_workers=executor_threads, thread_name_prefix="onnxruntime")
+        self._runners: dict[str, Batcher | DirectRunner] = {
+            name: Batcher(model, self._executor, batching, observer)
+            if batching is not None
+            else DirectRunner(model, self._executor, observer)
+            for name, model in models.items()
+        }
+
+    def start(self) -> None:
+        """Start the runners (call from the serving event loop)."""
+        for runner in self._runners.values():
+            runner.start()
+
+    async def close(self) -> None:
+        """Finish queued work, then release the executor."""
+        for runner in self._runners.values():
+            await runner.close()
+        self._executor.shutdown(wait=True)
+
+    def model(self, name: str) -> ModelRuntime:
+        """The loaded model of that name, or ModelNotFoundError."""
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(f"model {name!r} is not loaded (models: {known})") from None
+
+    async def encode(
+        self,
+        model_name: str,
+        words: Sequence[str],
+        states: Sequence[InitialState] = (),
+        report_invalid: bool = False,
+    ) -> EncodeResult:
+        """Encode words, each exactly as if alone. Bad words raise InvalidWordError, or are returned as errors."""
+        model = self.model(model_name)
+        if not words:
+            raise InvalidRequestError("the request has no words")
+        if len(words) > self.limits.max_words:
+            raise RequestTooLargeError(
+                f"the request has {len(words)} words, more than the limit of {self.limits.max_words}"
+            )
+        if states and len(states) != len(words):
+            raise InvalidRequestError(
+                f"initial_states has {len(states)} entries for {len(words)} words: give none or one per word"
+            )
+        problems = model.alphabet.check(words, self.limits.max_word_length)
+        good = [index for index, problem in enumerate(problems) if problem is None]
+        if len(good) != len(words) and not report_invalid:
+            raise next(problem for problem in problems if problem is not None)
+        h0, c0 = self._initial_state(model, words, states, good)
+        if not good:
+            return EncodeResult(model, [problem for problem in problems if problem is not None], None)
+        good_words = [words[index] for index in good]
+        encoded: EncodedWords = model.alphabet.encode(good_words)
+        outputs, stats = await self._runners[model.name].submit(encoded, h0, c0)
+        encodings = iter(
+            WordEncoding(
+                word,
+                outputs.outputs[row, : int(length)],
+                outputs.h_n[:, row],
+                None if outputs.c_n is None else outputs.c_n[:, row],
+            )
+            for row, (word, length) in enumerate(zip(good_words, encoded.lengths, strict=True))
+        )
+        results: list[WordEncoding | InvalidWordError] = [
+            problem if problem is not None else next(encodings) for problem in problems
+        ]
+        return EncodeResult(model, results, stats)
+
+    @staticmethod
+    def _initial_state(
+        model: ModelRuntime, words: Sequence[str], states: Sequence[InitialState], good: list[int]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        lstm = model.manifest.has_cell_state
+        if not states:
+            h0 = model.zero_state(len(good))
+            return h0, (np.zeros_like(h0) if lstm else None)
+        shape = (model.manifest.num_layers, model.manifest.hidden_size)
+        hidden = np.empty((len(good), *shape), dtype=np.float32)
+        cell = np.zeros((len(good), *shape), dtype=np.float32) if lstm else None
+        for row, index in enumerate(good):
+            state = states[index]
+            hidden[row] = _state_array(state.hidden, shape, index, words[index], "hidden")
+            if state.cell is not None and state.cell.size:
+                if cell is None:
+                    raise InvalidRequestError(
+                        f"word {index} {words[index]!r}: initial cell state given, but {model.name!r} is a "
+                        f"{model.manifest.kind}, which has no cell state"
+                    )
+                cell[row] = _state_array(state.cell, shape, index, words[index], "cell")
+        return np.ascontiguousarray(hidden.transpose(1, 0, 2)), (
+            None if cell is None else np.ascontiguousarray(cell.transpose(1, 0, 2))
+        )
+
+
+def _state_array(
+    values: npt.NDArray[np.float32], shape: tuple[int, int], index: int, word: str, what: str
+) -> npt.NDArray[np.float32]:
+    expected = shape[0] * shape[1]
+    if values.size != expected:
+        raise InvalidRequestError(
+            f"word {index} {word!r}: initial {what} state has {values.size} values; expected "
+            f"num_layers x hidden_size = {shape[0]} x {shape[1]} = {expected}"
+        )
+    if not np.all(np.isfinite(values)):
+        raise InvalidRequestError(f"word {index} {word!r}: initial {what} state holds NaN or infinity")
+    return values.reshape(shape)
+
+
+def monotonic_ms(since: float) -> float:
+    """Milliseconds elapsed since a time.perf_counter() reading."""
+    return (time.perf_counter() - since) * 1000.0

@@ -1,0 +1,136 @@
+"""charrnn-server: load the repository, serve gRPC with health and reflection, stop gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from export.manifest import ManifestError
+from proto.charrnn.v1 import charrnn_pb2, charrnn_pb2_grpc
+from server.batcher import BatchSettings
+from server.config import ServerConfig, parse_config
+from server.engine import Engine, Limits
+from server.metrics import Metrics
+from server.runtime import DeviceUnavailableError, load_repository
+from server.service import CharRnnService
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = charrnn_pb2.DESCRIPTOR.services_by_name["CharRnn"].full_name
+OVERALL = ""  # the health service's name for the server as a whole
+
+
+@dataclass(slots=True)
+class RunningServer:
+    """A started server and what stopping it needs."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    engine: Engine
+    metrics: Metrics
+    metrics_port: int | None
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Report NOT_SERVING, stop taking RPCs, let in-flight ones finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_seconds)
+        await self.engine.close()
+
+
+async def create_server(config: ServerConfig) -> RunningServer:
+    """Bind the port, register the services, load every model, then report SERVING."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    health_servicer = health.aio.HealthServicer()
+    for name in (OVERALL, SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    metrics = Metrics()
+    service = CharRnnService(metrics)
+    charrnn_pb2_grpc.add_CharRnnServicer_to_server(service, server)
+    port = server.add_insecure_port(f"{_host(config.address)}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.address}:{config.port}")
+    await server.start()  # health answers NOT_SERVING and RPCs UNAVAILABLE while the models load
+    try:
+        models = await asyncio.get_running_loop().run_in_executor(
+            None, load_repository, config.repository, config.device, config.intra_op_threads
+        )
+    except BaseException:
+        await server.stop(None)
+        raise
+    batching = (
+        BatchSettings(config.max_batch_words, config.max_queue_delay_ms / 1000.0, config.max_queue_words)
+        if config.batching
+        else None
+    )
+    engine = Engine(
+        models, Limits(config.max_words, config.max_word_length), batching, config.executor_threads, metrics.observe_run
+    )
+    engine.start()
+    service.attach(engine)
+    for model in models.values():
+        metrics.provider.labels(model.name, model.provider).set(1)
+    metrics_port = metrics.serve(config.metrics_port, config.address) if config.metrics_port >= 0 else None
+    for name in (OVERALL, SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info(
+        "serving %s on %s:%d (metrics %s, batching %s); models: %s",
+        SERVICE_NAME, config.address, port,
+        f"port {metrics_port}" if metrics_port is not None else "off",
+        "on" if batching else "off",
+        ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
+    )
+    return RunningServer(server, port, health_servicer, engine, metrics, metrics_port)
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain within the grace period."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    running = await create_server(config)
+    if config.port_file is not None:
+        config.port_file.write_text(json.dumps({"port": running.port, "metrics_port": running.metrics_port}))
+    await stop.wait()
+    logger.info("signal received: draining for up to %.1f s", config.grace_seconds)
+    await running.stop(config.grace_seconds)
+    logger.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; exit 0 after a graceful stop, 1 if the repository or device is unusable."""
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except (ManifestError, DeviceUnavailableError, OSError) as error:
+        logger.error("cannot start: %s", error)
+        print(f"charrnn-server: cannot start: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

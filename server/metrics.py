@@ -1,0 +1,53 @@
+"""Prometheus metrics: requests by model and code, per-stage latency, words per request, batch size, provider."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_WORD_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (several servers can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "charrnn_requests", "RPCs handled, by method, model and gRPC status code.",
+            ["method", "model", "code"], registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "charrnn_request_seconds", "End-to-end server time of an RPC (a stream counts per message).",
+            ["method", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "charrnn_queue_wait_seconds", "Time a request waited for its batch to start.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "charrnn_inference_seconds", "onnxruntime run time of one batch.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.words_per_request = Histogram(
+            "charrnn_words_per_request", "Words in one request.",
+            ["model"], buckets=_WORD_BUCKETS, registry=self.registry,
+        )
+        self.batch_words = Histogram(
+            "charrnn_batch_words", "Words in one onnxruntime run (after dynamic batching).",
+            ["model"], buckets=_WORD_BUCKETS, registry=self.registry,
+        )
+        self.provider = Gauge(
+            "charrnn_execution_provider", "1 for the onnxruntime execution provider actually running each model.",
+            ["model", "provider"], registry=self.registry,
+        )
+
+    def observe_run(self, model: str, words: int, seconds: float) -> None:
+        """Record one onnxruntime run."""
+        self.inference_seconds.labels(model).observe(seconds)
+        self.batch_words.labels(model).observe(words)
+
+    def serve(self, port: int, address: str) -> int:
+        """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return int(server.server_address[1])

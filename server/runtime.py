@@ -1,0 +1,121 @@
+"""One exported model ready to run: manifest checked, artifacts verified, onnxruntime session on the chosen provider."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime
+
+from export.manifest import ONNX_FILE, Manifest, ManifestError, list_model_folders
+from server.alphabet import Alphabet, EncodedWords, one_hot_batch
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """--device cuda was asked for but onnxruntime cannot run the model on CUDA here."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutputs:
+    """onnxruntime's outputs for a batch: outputs [batch, max_len, hidden], h_n/c_n [num_layers, batch, hidden]."""
+
+    outputs: npt.NDArray[np.float32]
+    h_n: npt.NDArray[np.float32]
+    c_n: npt.NDArray[np.float32] | None
+
+
+def requested_providers(device: str) -> list[str]:
+    """Providers to ask onnxruntime for, in order of preference."""
+    if device == "cpu":
+        return [CPU]
+    if device not in ("auto", "cuda"):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    available = onnxruntime.get_available_providers()
+    if CUDA not in available:
+        if device == "cuda":
+            raise DeviceUnavailableError(
+                f"--device cuda: this onnxruntime build has no {CUDA} (available: {', '.join(available)}); "
+                "install onnxruntime-gpu"
+            )
+        return [CPU]
+    return [CUDA, CPU]
+
+
+class ModelRuntime:
+    """A loaded model: its manifest, alphabet and onnxruntime session; run() is thread-safe."""
+
+    def __init__(self, folder: Path, device: str = "auto", intra_op_threads: int = 0) -> None:
+        manifest = Manifest.read(folder)
+        if manifest.name != folder.name:
+            raise ManifestError(f"{folder}: manifest names the model {manifest.name!r}, the folder is {folder.name!r}")
+        manifest.verify_artifacts(folder)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3  # onnxruntime's own warnings; the provider actually used is logged below
+        providers = requested_providers(device)
+        self.session = onnxruntime.InferenceSession(str(folder / ONNX_FILE), options, providers=providers)
+        # onnxruntime falls back to CPU silently when CUDA cannot start: only get_providers() tells the truth.
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA:
+            raise DeviceUnavailableError(
+                f"{manifest.name}: --device cuda, but onnxruntime could not start {CUDA} "
+                f"(session runs on {', '.join(self.session.get_providers())}); check the CUDA/cuDNN libraries and the GPU"
+            )
+        if device == "auto" and CUDA in providers and self.provider != CUDA:
+            logger.warning("%s: CUDA provider could not start; falling back to %s", manifest.name, self.provider)
+        expected = [spec.name for spec in manifest.onnx_inputs]
+        actual = [node.name for node in self.session.get_inputs()]
+        if actual != expected:
+            raise ManifestError(f"{folder}: ONNX inputs {actual} differ from the manifest's {expected}")
+        self.manifest = manifest
+        self.alphabet = Alphabet(manifest.alphabet)
+        self.folder = folder
+
+    @property
+    def name(self) -> str:
+        """The model's name, as clients address it."""
+        return self.manifest.name
+
+    def zero_state(self, words: int) -> npt.NDArray[np.float32]:
+        """A fresh state [num_layers, words, hidden] (what PyTorch uses when no state is given)."""
+        return np.zeros((self.manifest.num_layers, words, self.manifest.hidden_size), dtype=np.float32)
+
+    def run(
+        self,
+        encoded: EncodedWords,
+        h0: npt.NDArray[np.float32],
+        c0: npt.NDArray[np.float32] | None,
+    ) -> BatchOutputs:
+        """One onnxruntime run over a batch of encoded words, each exactly as if run alone."""
+        feed = {
+            "x": one_hot_batch(encoded, self.manifest.input_size),
+            "lengths": encoded.lengths,
+            "h0": h0,
+        }
+        if self.manifest.has_cell_state:
+            feed["c0"] = c0 if c0 is not None else np.zeros_like(h0)
+        results = self.session.run(None, feed)
+        return BatchOutputs(results[0], results[1], results[2] if len(results) > 2 else None)
+
+
+def load_repository(repository: Path, device: str = "auto", intra_op_threads: int = 0) -> dict[str, ModelRuntime]:
+    """Load every model of a repository, or raise naming the first one that is missing, altered or unusable."""
+    folders = list_model_folders(repository)
+    if not folders:
+        raise ManifestError(f"{repository}: no models (expected <name>/manifest.json folders); run charrnn-export first")
+    models: dict[str, ModelRuntime] = {}
+    for folder in folders:
+        model = ModelRuntime(folder, device, intra_op_threads)
+        models[model.name] = model
+        if device == "auto" and model.provider != CUDA:
+            device = "cpu"  # CUDA could not start for this model: do not retry (and log) it for every other one
+    return models
