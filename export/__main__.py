@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--checkpoint needs {', '.join(missing)}")
         if args.only:
             parser.error("--only selects built-in models; it does not go with --checkpoint")
+    elif args.nonlinearity is not None:
+        parser.error("--nonlinearity goes with --checkpoint")
 
     # Imported here so that --help answers without loading torch.
     from export.models import BUILTIN_SPECS, CheckpointError, load_checkpoint, seeded_model

@@ -92,7 +92,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def validate_model_name(name: str) -> str:
     """A model name is a folder name and part of the API: letters, digits, '_', '.', '-'; at most 64."""
-    if not MODEL_NAME.match(name):
+    if not MODEL_NAME.fullmatch(name):
         raise CheckpointError(
             f"model name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -128,6 +128,8 @@ def infer_spec(
             )
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{key} is not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{key} holds NaN or infinite values")
         layers.setdefault(int(match.group(2)), {})[match.group(1)] = value
     if not layers:
         raise CheckpointError("the checkpoint holds no RNN weights")
@@ -158,8 +160,8 @@ def infer_spec(
         nonlinearity = nonlinearity or "tanh"
         if nonlinearity not in NONLINEARITIES:
             raise CheckpointError(f"nonlinearity must be tanh or relu, not {nonlinearity!r}")
-    else:
-        nonlinearity = None
+    elif nonlinearity is not None:
+        raise CheckpointError(f"--nonlinearity applies to rnn checkpoints only, not {kind}")
     return ModelSpec(name, kind, alphabet, hidden_size, num_layers, nonlinearity, bias)
 
 

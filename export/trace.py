@@ -260,7 +260,10 @@ def max_abs_error(expected: Sequence[WordResult], actual: Sequence[WordResult]) 
             if a.shape != b.shape:
                 return float("inf")
             if a.size:
-                worst = max(worst, float(np.max(np.abs(a - b))))
+                difference = np.abs(a - b)
+                if not np.all(np.isfinite(difference)):  # max() would silently drop a NaN
+                    return float("inf")
+                worst = max(worst, float(difference.max()))
     return worst
 
 

@@ -451,3 +451,19 @@ def test_float64_checkpoint_is_accepted(tmp_path: Path, repository: Path) -> Non
         assert state[f"rnn.{key}"].dtype == torch.float32
         assert torch.equal(state[f"rnn.{key}"], value.float())
     assert os.listdir(repository) == ["double"]
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path: Path, repository: Path, bad_value: float) -> None:
+    state = nn.LSTM(4, 3).state_dict()
+    state["weight_hh_l0"][1, 2] = bad_value
+    failure = _attempt(_save(state, tmp_path / "model.pt"), repository)
+    assert "weight_hh_l0 holds NaN or infinite values" in str(failure)
+    _assert_untouched(repository)
+
+
+def test_nonlinearity_is_refused_for_lstm(tmp_path: Path, repository: Path) -> None:
+    path = _save(nn.LSTM(4, 3).state_dict(), tmp_path / "model.pt")
+    failure = _attempt(path, repository, nonlinearity="relu")
+    assert "--nonlinearity applies to rnn checkpoints only, not lstm" in str(failure)
+    _assert_untouched(repository)
