@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,11 @@ class ServerConfig:
     """If set, the bound gRPC and metrics ports are written here as JSON once serving."""
 
 
-def _env(environ: Mapping[str, str], name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+def _env(environ: Mapping[str, str], name: str, default: Any) -> Any:
+    # The raw string: argparse then converts it with the option's type= (only when the flag is absent),
+    # so a malformed value is a usage error, and a flag still overrides it.
     value = environ.get(name)
-    return default if value in (None, "") else convert(value)
+    return default if value in (None, "") else value
 
 
 def _flag(value: str) -> bool:
@@ -78,34 +81,34 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--repository", type=Path, default=Path(_env(env, "CHARRNN_REPOSITORY", "./model_repository")),
         help="model repository (env CHARRNN_REPOSITORY)")
     add("--address", default=_env(env, "CHARRNN_ADDRESS", "0.0.0.0"), help="listen address (env CHARRNN_ADDRESS)")
-    add("--port", type=int, default=_env(env, "CHARRNN_PORT", 50051, int),
+    add("--port", type=int, default=_env(env, "CHARRNN_PORT", 50051),
         help="gRPC port, 0 for any free port (env CHARRNN_PORT)")
     add("--device", choices=DEVICES, default=_env(env, "CHARRNN_DEVICE", "auto"),
         help="auto: CUDA provider first, CPU fallback; cuda: fail unless CUDA runs; cpu (env CHARRNN_DEVICE)")
-    add("--grace-seconds", type=float, default=_env(env, "CHARRNN_GRACE_SECONDS", 10.0, float),
+    add("--grace-seconds", type=float, default=_env(env, "CHARRNN_GRACE_SECONDS", 10.0),
         help="time in-flight requests get on SIGTERM/SIGINT (env CHARRNN_GRACE_SECONDS)")
-    add("--max-words", type=int, default=_env(env, "CHARRNN_MAX_WORDS", 4096, int),
+    add("--max-words", type=int, default=_env(env, "CHARRNN_MAX_WORDS", 4096),
         help="words per request or stream message (env CHARRNN_MAX_WORDS)")
-    add("--max-word-length", type=int, default=_env(env, "CHARRNN_MAX_WORD_LENGTH", 256, int),
+    add("--max-word-length", type=int, default=_env(env, "CHARRNN_MAX_WORD_LENGTH", 256),
         help="characters per word (env CHARRNN_MAX_WORD_LENGTH)")
-    add("--max-message-bytes", type=int, default=_env(env, "CHARRNN_MAX_MESSAGE_BYTES", 64 * 1024 * 1024, int),
+    add("--max-message-bytes", type=int, default=_env(env, "CHARRNN_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
         help="largest gRPC message received or sent (env CHARRNN_MAX_MESSAGE_BYTES)")
-    add("--metrics-port", type=int, default=_env(env, "CHARRNN_METRICS_PORT", 9090, int),
+    add("--metrics-port", type=int, default=_env(env, "CHARRNN_METRICS_PORT", 9090),
         help="Prometheus /metrics port; -1 disables, 0 any free port (env CHARRNN_METRICS_PORT)")
     add("--log-level", default=_env(env, "CHARRNN_LOG_LEVEL", "INFO"), help="logging level (env CHARRNN_LOG_LEVEL)")
-    add("--batching", action=argparse.BooleanOptionalAction, default=_env(env, "CHARRNN_BATCHING", True, _flag),
+    add("--batching", action=argparse.BooleanOptionalAction, default=_env(env, "CHARRNN_BATCHING", True),
         help="dynamic batching of concurrent requests (env CHARRNN_BATCHING)")
-    add("--max-batch-words", type=int, default=_env(env, "CHARRNN_MAX_BATCH_WORDS", 4096, int),
+    add("--max-batch-words", type=int, default=_env(env, "CHARRNN_MAX_BATCH_WORDS", 4096),
         help="largest merged batch in words (env CHARRNN_MAX_BATCH_WORDS)")
-    add("--max-queue-delay-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_DELAY_MS", 0.0, float),
+    add("--max-queue-delay-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_DELAY_MS", 0.0),
         help="how long a non-full batch waits for more requests; 0 never waits (env CHARRNN_MAX_QUEUE_DELAY_MS)")
-    add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", 65536, int),
+    add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", 65536),
         help="words waiting per model before RESOURCE_EXHAUSTED (env CHARRNN_MAX_QUEUE_WORDS)")
-    add("--intra-op-threads", type=int, default=_env(env, "CHARRNN_INTRA_OP_THREADS", 1, int),
+    add("--intra-op-threads", type=int, default=_env(env, "CHARRNN_INTRA_OP_THREADS", 1),
         help="onnxruntime intra-op threads per session, 0 = onnxruntime's choice (env CHARRNN_INTRA_OP_THREADS)")
-    add("--executor-threads", type=int, default=_env(env, "CHARRNN_EXECUTOR_THREADS", 2, int),
+    add("--executor-threads", type=int, default=_env(env, "CHARRNN_EXECUTOR_THREADS", 2),
         help="threads running onnxruntime off the event loop (env CHARRNN_EXECUTOR_THREADS)")
-    add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", None, Path),
+    add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", None),
         help="write the bound ports here as JSON once serving (env CHARRNN_PORT_FILE)")
     return parser
 
@@ -114,6 +117,15 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     """Parse flags (and environment defaults) into a checked ServerConfig."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    if isinstance(args.batching, str):
+        try:
+            args.batching = _flag(args.batching)
+        except ValueError as error:
+            parser.error(f"CHARRNN_BATCHING: {error}")
+    if args.device not in DEVICES:  # argparse does not check choices against environment defaults
+        parser.error(f"CHARRNN_DEVICE: invalid choice {args.device!r} (choose from {', '.join(DEVICES)})")
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        parser.error(f"--log-level / CHARRNN_LOG_LEVEL: unknown level {args.log_level!r}")
     for name in ("max_words", "max_word_length", "max_message_bytes", "max_batch_words", "max_queue_words",
                  "executor_threads"):
         if getattr(args, name) < 1:

@@ -64,30 +64,37 @@ async def create_server(config: ServerConfig) -> RunningServer:
     metrics = Metrics()
     service = CharRnnService(metrics)
     charrnn_pb2_grpc.add_CharRnnServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{_host(config.address)}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{_host(config.address)}:{config.port}")
+    except RuntimeError as error:  # grpcio raises instead of returning 0 when the port is taken
+        raise OSError(f"cannot listen on {config.address}:{config.port}: {error}") from error
     if port == 0:
         raise OSError(f"cannot listen on {config.address}:{config.port}")
     await server.start()  # health answers NOT_SERVING and RPCs UNAVAILABLE while the models load
+    engine: Engine | None = None
     try:
         models = await asyncio.get_running_loop().run_in_executor(
             None, load_repository, config.repository, config.device, config.intra_op_threads
         )
+        batching = (
+            BatchSettings(config.max_batch_words, config.max_queue_delay_ms / 1000.0, config.max_queue_words)
+            if config.batching
+            else None
+        )
+        engine = Engine(
+            models, Limits(config.max_words, config.max_word_length), batching, config.executor_threads,
+            metrics.observe_run,
+        )
+        engine.start()
+        metrics_port = _serve_metrics(metrics, config) if config.metrics_port >= 0 else None
     except BaseException:
         await server.stop(None)
+        if engine is not None:
+            await engine.close()
         raise
-    batching = (
-        BatchSettings(config.max_batch_words, config.max_queue_delay_ms / 1000.0, config.max_queue_words)
-        if config.batching
-        else None
-    )
-    engine = Engine(
-        models, Limits(config.max_words, config.max_word_length), batching, config.executor_threads, metrics.observe_run
-    )
-    engine.start()
     service.attach(engine)
     for model in models.values():
         metrics.provider.labels(model.name, model.provider).set(1)
-    metrics_port = metrics.serve(config.metrics_port, config.address) if config.metrics_port >= 0 else None
     for name in (OVERALL, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
@@ -98,6 +105,13 @@ async def create_server(config: ServerConfig) -> RunningServer:
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
     )
     return RunningServer(server, port, health_servicer, engine, metrics, metrics_port)
+
+
+def _serve_metrics(metrics: Metrics, config: ServerConfig) -> int:
+    try:
+        return metrics.serve(config.metrics_port, config.address)
+    except OSError as error:
+        raise OSError(f"cannot serve metrics on {config.address}:{config.metrics_port}: {error}") from error
 
 
 def _host(address: str) -> str:

@@ -1,0 +1,296 @@
+"""Unit tests of the server's pure parts: the alphabet (check, encode, one-hot batch) and the configuration.
+
+The alphabet is checked against a deliberately naive, per-character reference on random words, including
+non-ASCII letters (and letters outside the Basic Multilingual Plane) both in the alphabet and outside it.
+The configuration is checked for defaults, environment variables, and flags winning over the environment.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from conftest import LARGE_ALPHABET
+from server.alphabet import Alphabet, EncodedWords, one_hot_batch
+from server.config import ServerConfig, parse_config
+from server.errors import InvalidRequestError, InvalidWordError
+
+# Alphabets whose code points are not in sorted order, with non-ASCII letters (one outside the BMP).
+ALPHABETS = ("helo", "héλo", "λhé😀o", "zyxwvA0ß", LARGE_ALPHABET)
+FOREIGN = "xqé€😀\u00a0\t Ωλßa"  # some of these are in some alphabets: the reference decides
+
+
+def naive_problem(index: int, word: str, letters: str, max_length: int) -> tuple[int, str, str] | None:
+    """(index, word, reason) the way a person would check one word, character by character."""
+    if len(word) == 0:
+        return index, word, "the word is empty"
+    if len(word) > max_length:
+        return index, word, f"the word has {len(word)} characters, more than the limit of {max_length}"
+    for position, char in enumerate(word):
+        if char not in letters:
+            return (
+                index,
+                word,
+                f"character {char!r} at position {position} is not in the model's alphabet {letters!r}",
+            )
+    return None
+
+
+def naive_one_hot(words: Sequence[str], letters: str) -> npt.NDArray[np.float32]:
+    """[words, max_len, len(letters)] by explicit loops."""
+    max_len = max(len(word) for word in words)
+    batch = np.zeros((len(words), max_len, len(letters)), dtype=np.float32)
+    for row, word in enumerate(words):
+        for column, char in enumerate(word):
+            batch[row, column, letters.index(char)] = 1.0
+    return batch
+
+
+def random_words(rng: random.Random, letters: str, count: int, max_length: int, bad_rate: float) -> list[str]:
+    """Random words of lengths 0..max_length+3; some characters are drawn from outside the alphabet."""
+    words = []
+    for _ in range(count):
+        length = rng.choice([0, 1, 2, max_length, max_length + 1, rng.randint(1, max_length + 3)])
+        words.append(
+            "".join(rng.choice(FOREIGN) if rng.random() < bad_rate else rng.choice(letters) for _ in range(length))
+        )
+    return words
+
+
+# ---- Alphabet.check ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("letters", ALPHABETS)
+@pytest.mark.parametrize("seed", range(4))
+def test_check_matches_naive_reference(letters: str, seed: int) -> None:
+    rng = random.Random(seed)
+    max_length = rng.choice([1, 3, 8, 20])
+    words = random_words(rng, letters, count=200, max_length=max_length, bad_rate=rng.choice([0.0, 0.02, 0.2]))
+    problems = Alphabet(letters).check(words, max_length)
+    assert len(problems) == len(words)
+    for index, (word, problem) in enumerate(zip(words, problems, strict=True)):
+        expected = naive_problem(index, word, letters, max_length)
+        if expected is None:
+            assert problem is None, (index, word, problem)
+        else:
+            assert isinstance(problem, InvalidWordError), (index, word)
+            assert isinstance(problem, InvalidRequestError)  # -> INVALID_ARGUMENT
+            assert (problem.index, problem.word, problem.reason) == expected
+            assert str(problem) == f"word {index} {word!r}: {expected[2]}"
+
+
+def test_check_names_index_word_character_and_position() -> None:
+    alphabet = Alphabet("héλo")
+    problems = alphabet.check(["héλo", "oλé", "hé€λ", "", "h😀", "hhhhhh"], max_length=5)
+    assert problems[0] is None and problems[1] is None
+    assert str(problems[2]) == "word 2 'hé€λ': character '€' at position 2 is not in the model's alphabet 'héλo'"
+    assert str(problems[3]) == "word 3 '': the word is empty"
+    assert str(problems[4]) == "word 4 'h😀': character '😀' at position 1 is not in the model's alphabet 'héλo'"
+    assert str(problems[5]) == "word 5 'hhhhhh': the word has 6 characters, more than the limit of 5"
+    assert [p.index for p in problems if p is not None] == [2, 3, 4, 5]
+
+
+def test_check_reports_first_bad_character_of_each_word() -> None:
+    problems = Alphabet("helo").check(["hexyo", "xhello", "hellz"], max_length=10)
+    assert [(p.index, p.reason) for p in problems if p is not None] == [
+        (0, "character 'x' at position 2 is not in the model's alphabet 'helo'"),
+        (1, "character 'x' at position 0 is not in the model's alphabet 'helo'"),
+        (2, "character 'z' at position 4 is not in the model's alphabet 'helo'"),
+    ]
+
+
+def test_check_on_only_empty_words_and_on_no_words() -> None:
+    alphabet = Alphabet("héλo")
+    problems = alphabet.check(["", ""], max_length=3)
+    assert [str(p) for p in problems] == ["word 0 '': the word is empty", "word 1 '': the word is empty"]
+    assert alphabet.check([], max_length=3) == []
+
+
+def test_code_points_below_and_above_the_alphabet_are_rejected() -> None:
+    # 'é' (U+00E9) and 'λ' (U+03BB): probe both ends of the sorted code points and the gap between.
+    alphabet = Alphabet("éλ")
+    problems = alphabet.check(["\x00", "a", "ê", "μ", "\U0010ffff", "éλ"], max_length=4)
+    assert [p is None for p in problems] == [False, False, False, False, False, True]
+
+
+# ---- Alphabet.encode and one_hot_batch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("letters", ALPHABETS)
+@pytest.mark.parametrize("seed", range(3))
+def test_encode_and_one_hot_match_naive_reference(letters: str, seed: int) -> None:
+    rng = random.Random(100 + seed)
+    words = [w for w in random_words(rng, letters, count=150, max_length=30, bad_rate=0.0) if 0 < len(w) <= 30]
+    alphabet = Alphabet(letters)
+    assert len(alphabet) == len(letters)
+    assert all(problem is None for problem in alphabet.check(words, 30))
+    encoded = alphabet.encode(words)
+    assert encoded.lengths.dtype == np.int32
+    assert encoded.lengths.tolist() == [len(word) for word in words]
+    assert encoded.indices.tolist() == [letters.index(char) for word in words for char in word]
+    batch = one_hot_batch(encoded, len(letters))
+    assert batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, naive_one_hot(words, letters))
+
+
+def test_one_hot_batch_pads_with_zero_rows() -> None:
+    alphabet = Alphabet("héλo")
+    batch = one_hot_batch(alphabet.encode(["o", "héλoh", "λλ"]), 4)
+    assert batch.shape == (3, 5, 4)
+    assert batch[0, 0].tolist() == [0, 0, 0, 1] and not batch[0, 1:].any()
+    assert batch[1].argmax(axis=1).tolist() == [0, 1, 2, 3, 0] and batch[1].sum() == 5
+    assert batch[2, :2].argmax(axis=1).tolist() == [2, 2] and not batch[2, 2:].any()
+
+
+def test_one_hot_batch_of_hand_built_indices() -> None:
+    encoded = EncodedWords(np.array([2, 0, 1, 1], dtype=np.int64), np.array([1, 3], dtype=np.int32))
+    expected = np.zeros((2, 3, 3), dtype=np.float32)
+    expected[0, 0, 2] = 1
+    expected[1, 0, 0] = expected[1, 1, 1] = expected[1, 2, 1] = 1
+    np.testing.assert_array_equal(one_hot_batch(encoded, 3), expected)
+
+
+# ---- parse_config --------------------------------------------------------------------------------------------------
+
+
+def test_defaults_with_an_empty_environment() -> None:
+    config = parse_config([], {})
+    assert config == ServerConfig(
+        repository=Path("./model_repository"), address="0.0.0.0", port=50051, device="auto", grace_seconds=10.0,
+        max_words=4096, max_word_length=256, max_message_bytes=64 * 1024 * 1024, metrics_port=9090,
+        log_level="INFO", batching=True, max_batch_words=4096, max_queue_delay_ms=0.0, max_queue_words=65536,
+        intra_op_threads=1, executor_threads=2, port_file=None,
+    )
+
+
+FULL_ENV = {
+    "CHARRNN_REPOSITORY": "/env/repo",
+    "CHARRNN_ADDRESS": "10.0.0.1",
+    "CHARRNN_PORT": "1111",
+    "CHARRNN_DEVICE": "cuda",
+    "CHARRNN_GRACE_SECONDS": "2.5",
+    "CHARRNN_MAX_WORDS": "7",
+    "CHARRNN_MAX_WORD_LENGTH": "9",
+    "CHARRNN_MAX_MESSAGE_BYTES": "12345",
+    "CHARRNN_METRICS_PORT": "-1",
+    "CHARRNN_LOG_LEVEL": "DEBUG",
+    "CHARRNN_BATCHING": "off",
+    "CHARRNN_MAX_BATCH_WORDS": "11",
+    "CHARRNN_MAX_QUEUE_DELAY_MS": "1.5",
+    "CHARRNN_MAX_QUEUE_WORDS": "13",
+    "CHARRNN_INTRA_OP_THREADS": "3",
+    "CHARRNN_EXECUTOR_THREADS": "4",
+    "CHARRNN_PORT_FILE": "/env/ports.json",
+}
+
+
+def test_every_setting_comes_from_its_environment_variable() -> None:
+    config = parse_config([], FULL_ENV)
+    assert config == ServerConfig(
+        repository=Path("/env/repo"), address="10.0.0.1", port=1111, device="cuda", grace_seconds=2.5,
+        max_words=7, max_word_length=9, max_message_bytes=12345, metrics_port=-1, log_level="DEBUG",
+        batching=False, max_batch_words=11, max_queue_delay_ms=1.5, max_queue_words=13, intra_op_threads=3,
+        executor_threads=4, port_file=Path("/env/ports.json"),
+    )
+
+
+def test_flags_win_over_the_environment() -> None:
+    flags = [
+        "--repository", "/flag/repo", "--address", "127.0.0.1", "--port", "2222", "--device", "cpu",
+        "--grace-seconds", "0.5", "--max-words", "70", "--max-word-length", "90", "--max-message-bytes", "54321",
+        "--metrics-port", "0", "--log-level", "WARNING", "--batching", "--max-batch-words", "110",
+        "--max-queue-delay-ms", "0", "--max-queue-words", "130", "--intra-op-threads", "0",
+        "--executor-threads", "1", "--port-file", "/flag/ports.json",
+    ]
+    config = parse_config(flags, FULL_ENV)
+    assert config == ServerConfig(
+        repository=Path("/flag/repo"), address="127.0.0.1", port=2222, device="cpu", grace_seconds=0.5,
+        max_words=70, max_word_length=90, max_message_bytes=54321, metrics_port=0, log_level="WARNING",
+        batching=True, max_batch_words=110, max_queue_delay_ms=0.0, max_queue_words=130, intra_op_threads=0,
+        executor_threads=1, port_file=Path("/flag/ports.json"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("env_value", "flags", "expected"),
+    [
+        ("1", [], True), ("true", [], True), ("YES", [], True), ("on", [], True),
+        ("0", [], False), ("false", [], False), ("No", [], False), ("off", [], False),
+        ("true", ["--no-batching"], False), ("0", ["--batching"], True),
+    ],
+)
+def test_batching_switch_from_env_and_flag(env_value: str, flags: list[str], expected: bool) -> None:
+    assert parse_config(flags, {"CHARRNN_BATCHING": env_value}).batching is expected
+
+
+def test_empty_environment_variable_means_unset() -> None:
+    config = parse_config([], {"CHARRNN_MAX_WORDS": "", "CHARRNN_PORT_FILE": "", "CHARRNN_DEVICE": ""})
+    assert (config.max_words, config.port_file, config.device) == (4096, None, "auto")
+
+
+def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARRNN_MAX_WORDS", "3")
+    monkeypatch.setenv("CHARRNN_GRACE_SECONDS", "4")
+    config = parse_config([])
+    assert (config.max_words, config.grace_seconds) == (3, 4.0)
+    assert parse_config(["--max-words", "5"]).max_words == 5
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-words", "0"], "--max-words must be at least 1"),
+        (["--max-word-length", "0"], "--max-word-length must be at least 1"),
+        (["--max-message-bytes", "0"], "--max-message-bytes must be at least 1"),
+        (["--executor-threads", "0"], "--executor-threads must be at least 1"),
+        (["--grace-seconds", "-1"], "cannot be negative"),
+        (["--max-queue-delay-ms", "-0.5"], "cannot be negative"),
+        (["--device", "gpu"], "invalid choice: 'gpu'"),
+        (["--max-words", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        parse_config(flags, {})
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_limits_from_the_environment_are_checked_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        parse_config([], {"CHARRNN_MAX_WORDS": "0"})
+    assert raised.value.code == 2
+    assert "--max-words must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CHARRNN_DEVICE", "gpu"),  # accepted silently today: the server later dies with a ValueError traceback
+        ("CHARRNN_MAX_WORDS", "abc"),  # a bare ValueError traceback today, even for --help
+        ("CHARRNN_BATCHING", "maybe"),
+        ("CHARRNN_GRACE_SECONDS", "soon"),
+    ],
+)
+def test_malformed_environment_values_are_usage_errors(
+    variable: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad CHARRNN_* value must be reported like a bad flag (exit status 2, the value named), not crash later."""
+    with pytest.raises(SystemExit) as raised:
+        parse_config([], {variable: value})
+    assert raised.value.code == 2
+    assert value in capsys.readouterr().err
+
+
+def test_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """--log-level verbose is accepted today and the server then dies in logging.basicConfig with a traceback."""
+    assert parse_config(["--log-level", "debug"], {}).log_level.upper() == "DEBUG"
+    with pytest.raises(SystemExit) as raised:
+        parse_config(["--log-level", "verbose"], {})
+    assert raised.value.code == 2
+    assert "verbose" in capsys.readouterr().err
