@@ -161,8 +161,8 @@ def parse_response(response: pb.EncodeResponse) -> list[Encoding]:
     encodings = []
     for result in response.results:
         if result.error:
-            empty = np.zeros((0, hidden), dtype=np.float32)
-            encodings.append(Encoding(result.word, empty, np.zeros((layers, hidden), np.float32), None, result.error))
+            empty = np.zeros((0, hidden), dtype=np.float32)  # no state: zeros could pass for a real one
+            encodings.append(Encoding(result.word, empty, empty, None, result.error))
             continue
         encodings.append(
             Encoding(
