@@ -1,7 +1,14 @@
-"""Words -> letter indices -> padded one-hot batch, vectorised over a whole request (no per-character loops)."""
+"""Words -> letter indices -> padded one-hot batch, vectorised over a whole request (no per-character loops).
+
+Hot path (every request): check() first tries a set-inclusion test over the whole request, which runs in C
+and settles the common all-valid case; only requests with a bad word take the vectorised search that names
+each bad word. encode() maps characters to indices through a byte translation table when every letter is
+below U+0100, else through a small lookup table (or a sorted search for very high code points).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,12 +35,30 @@ class Alphabet:
         order = np.argsort(codes, kind="stable")
         self._sorted_codes = codes[order]
         self._positions = order.astype(np.int64)
+        self._letter_set = frozenset(letters)
+        top = int(codes.max()) if len(codes) else 0
+        # Letters all below U+0100: latin-1 bytes translated straight to indices (one C pass, no numpy).
+        self._byte_table: bytes | None = None
+        if top < 256 and len(letters) <= 256:
+            table = bytearray(256)
+            for position, char in enumerate(letters):
+                table[ord(char)] = position
+            self._byte_table = bytes(table)
+        # Otherwise a direct lookup table over code points when it stays small (at most 256 KiB).
+        self._code_table: npt.NDArray[np.int64] | None = None
+        if self._byte_table is None and top < 32768:
+            self._code_table = np.zeros(top + 1, dtype=np.int64)
+            self._code_table[codes] = np.arange(len(codes), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.letters)
 
     def check(self, words: Sequence[str], max_length: int) -> list[InvalidWordError | None]:
         """For each word, None if it can be encoded, else the error naming what is wrong."""
+        if words:
+            shortest, longest = min(map(len, words)), max(map(len, words))
+            if shortest > 0 and longest <= max_length and self._letter_set.issuperset("".join(words)):
+                return [None] * len(words)  # the common case, settled in C
         lengths = np.fromiter((len(word) for word in words), dtype=np.int64, count=len(words))
         bad_chars = self._bad_char_mask(words)
         problems: list[InvalidWordError | None] = [None] * len(words)
@@ -49,9 +74,15 @@ class Alphabet:
 
     def encode(self, words: Sequence[str]) -> EncodedWords:
         """Indices of words already known to be valid (see check)."""
-        codes = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+        joined = "".join(words)
+        lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
+        if self._byte_table is not None:
+            indices = np.frombuffer(joined.encode("latin-1").translate(self._byte_table), dtype=np.uint8)
+            return EncodedWords(indices.astype(np.int64), lengths)
+        codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        if self._code_table is not None:
+            return EncodedWords(self._code_table[codes], lengths)
         slots = np.searchsorted(self._sorted_codes, codes)
-        lengths = np.fromiter((len(word) for word in words), dtype=np.int32, count=len(words))
         return EncodedWords(self._positions[slots], lengths)
 
     def _bad_char_mask(self, words: Sequence[str]) -> npt.NDArray[np.bool_]:
@@ -72,12 +103,18 @@ class Alphabet:
         raise AssertionError(f"word {index} was reported invalid but is valid")
 
 
+@functools.lru_cache(maxsize=64)
+def _identity(size: int) -> npt.NDArray[np.float32]:
+    return np.eye(size, dtype=np.float32)
+
+
 def one_hot_batch(encoded: EncodedWords, alphabet_size: int) -> npt.NDArray[np.float32]:
     """Padded one-hot batch [words, max_len, alphabet_size]; positions past a word's end are zero rows."""
     lengths = encoded.lengths
-    batch = np.zeros((len(lengths), int(lengths.max()), alphabet_size), dtype=np.float32)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    columns = np.arange(len(encoded.indices)) - starts
-    batch[rows, columns, encoded.indices] = 1.0
+    words, max_len = len(lengths), int(lengths.max())
+    rows = np.take(_identity(alphabet_size), encoded.indices, axis=0)  # [total characters, alphabet_size]
+    if len(encoded.indices) == words * max_len:  # every word as long as the longest: no padding
+        return rows.reshape(words, max_len, alphabet_size)
+    batch = np.zeros((words, max_len, alphabet_size), dtype=np.float32)
+    batch[np.arange(max_len) < lengths[:, None]] = rows  # row-major order of the mask = word order
     return batch

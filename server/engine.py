@@ -2,6 +2,10 @@
 
 word -> indices -> (batcher) one-hot batch -> onnxruntime -> per-word results. The gRPC service, and any
 other front (a KServe V2 endpoint, say), only translate to and from these types.
+
+encode_batch() is the hot path: it returns the request's rows of the batch outputs as arrays (no per-word
+objects), which the gRPC service serialises in one pass; encode() splits the same result into per-word
+WordEncodings for callers that want them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy.typing as npt
 from server.alphabet import EncodedWords
 from server.batcher import Batcher, BatchSettings, DirectRunner, RunObserver, RunStats
 from server.errors import InvalidRequestError, InvalidWordError, ModelNotFoundError, RequestTooLargeError
-from server.runtime import ModelRuntime
+from server.runtime import BatchOutputs, ModelRuntime
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,39 @@ class EncodeResult:
     stats: RunStats | None
 
 
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """A request's results as arrays: row r of `outputs` is the r-th good word (in request order).
+
+    `problems` is None when every word was good, else one entry per request word (None for a good word).
+    `outputs` is None when no word was good (every word reported invalid).
+    """
+
+    model: ModelRuntime
+    words: Sequence[str]
+    problems: list[InvalidWordError | None] | None
+    lengths: npt.NDArray[np.int32]
+    outputs: BatchOutputs | None
+    stats: RunStats | None
+
+    def word_encodings(self) -> list[WordEncoding | InvalidWordError]:
+        """Per-word results in request order (views into the batch arrays)."""
+        good: list[WordEncoding] = []
+        if self.outputs is not None:
+            outputs, h_n, c_n = self.outputs.outputs, self.outputs.h_n, self.outputs.c_n
+            good_words = self.words if self.problems is None else [
+                word for word, problem in zip(self.words, self.problems, strict=True) if problem is None
+            ]
+            good = [
+                WordEncoding(word, outputs[row, :length], h_n[:, row], None if c_n is None else c_n[:, row])
+                for row, (word, length) in enumerate(zip(good_words, self.lengths.tolist(), strict=True))
+            ]
+        if self.problems is None:
+            return list(good)
+        encodings = iter(good)
+        return [problem if problem is not None else next(encodings) for problem in self.problems]
+
+
 class Engine:
     """Owns the loaded models and their runners; thread-unsafe, used from one event loop."""
 
@@ -72,7 +109,7 @@ class Engine:
         self.limits = limits
         self._executor = ThreadPoolExecutor(max_workers=executor_threads, thread_name_prefix="onnxruntime")
         self._runners: dict[str, Batcher | DirectRunner] = {
-            name: Batcher(model, self._executor, batching, observer)
+            name: Batcher(model, self._executor, batching, observer, max_concurrent_runs=executor_threads)
             if batching is not None
             else DirectRunner(model, self._executor, observer)
             for name, model in models.items()
@@ -105,6 +142,17 @@ class Engine:
         report_invalid: bool = False,
     ) -> EncodeResult:
         """Encode words, each exactly as if alone. Bad words raise InvalidWordError, or are returned as errors."""
+        batch = await self.encode_batch(model_name, words, states, report_invalid)
+        return EncodeResult(batch.model, batch.word_encodings(), batch.stats)
+
+    async def encode_batch(
+        self,
+        model_name: str,
+        words: Sequence[str],
+        states: Sequence[InitialState] = (),
+        report_invalid: bool = False,
+    ) -> BatchResult:
+        """encode(), with the results left as batch arrays (see BatchResult); same checks, same errors."""
         model = self.model(model_name)
         if not words:
             raise InvalidRequestError("the request has no words")
@@ -116,33 +164,27 @@ class Engine:
             raise InvalidRequestError(
                 f"initial_states has {len(states)} entries for {len(words)} words: give none or one per word"
             )
-        problems = model.alphabet.check(words, self.limits.max_word_length)
-        good = [index for index, problem in enumerate(problems) if problem is None]
-        if len(good) != len(words) and not report_invalid:
-            raise next(problem for problem in problems if problem is not None)
+        checked = model.alphabet.check(words, self.limits.max_word_length)
+        problems: list[InvalidWordError | None] | None = None
+        if checked.count(None) == len(checked):  # every word is good (the common case)
+            good: Sequence[int] = range(len(words))
+            good_words: Sequence[str] = words
+        else:
+            problems = checked
+            good = [index for index, problem in enumerate(problems) if problem is None]
+            if not report_invalid:
+                raise next(problem for problem in problems if problem is not None)
+            good_words = [words[index] for index in good]
         h0, c0 = self._initial_state(model, words, states, good)
         if not good:
-            return EncodeResult(model, [problem for problem in problems if problem is not None], None)
-        good_words = [words[index] for index in good]
+            return BatchResult(model, words, problems, np.zeros(0, dtype=np.int32), None, None)
         encoded: EncodedWords = model.alphabet.encode(good_words)
         outputs, stats = await self._runners[model.name].submit(encoded, h0, c0)
-        encodings = iter(
-            WordEncoding(
-                word,
-                outputs.outputs[row, : int(length)],
-                outputs.h_n[:, row],
-                None if outputs.c_n is None else outputs.c_n[:, row],
-            )
-            for row, (word, length) in enumerate(zip(good_words, encoded.lengths, strict=True))
-        )
-        results: list[WordEncoding | InvalidWordError] = [
-            problem if problem is not None else next(encodings) for problem in problems
-        ]
-        return EncodeResult(model, results, stats)
+        return BatchResult(model, words, problems, encoded.lengths, outputs, stats)
 
     @staticmethod
     def _initial_state(
-        model: ModelRuntime, words: Sequence[str], states: Sequence[InitialState], good: list[int]
+        model: ModelRuntime, words: Sequence[str], states: Sequence[InitialState], good: Sequence[int]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
         lstm = model.manifest.has_cell_state
         if not states:

@@ -1,4 +1,12 @@
-"""The charrnn.v1 gRPC service: the only module that touches protobuf messages."""
+"""The charrnn.v1 gRPC service: the only module that touches protobuf messages.
+
+Responses are the hot path: a 1024-word response holds thousands of floats, and building it field by
+field (a WordResult per word, each float converted to a Python object and back) cost more than the model
+run. _response() instead writes the EncodeResponse wire format in one pass: per word a few header bytes
+and memoryview slices of the batch arrays, joined once and handed to protobuf's C parser
+(EncodeResponse.FromString), which copies the packed floats without touching them one by one. The message
+is identical to one built field by field (tests/test_batcher.py checks this).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +15,15 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from server.engine import Engine, EncodeResult, InitialState, WordEncoding
+from server.engine import BatchResult, Engine, InitialState
 from server.errors import ModelsLoadingError, ServiceError
 from server.metrics import Metrics
 from server.runtime import ModelRuntime
@@ -39,6 +48,9 @@ class CharRnnService(pb_grpc.CharRnnServicer):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._engine: Engine | None = None
+        # Metric children by label values: labels() is a locked dict lookup per call, these are plain lookups.
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._model_children: dict[str, tuple[Any, Any]] = {}
 
     def attach(self, engine: Engine) -> None:
         """Start answering with this engine (until then RPCs get UNAVAILABLE: models are loading)."""
@@ -123,28 +135,50 @@ class CharRnnService(pb_grpc.CharRnnServicer):
     ) -> Response:
         """Run a handler, count it, time it, and turn errors into statuses (tracebacks go to the log only)."""
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
         try:
-            return await handler()
+            response = await handler()
         except ServiceError as error:
-            code = error.code
-            logger.debug("%s %s: %s %s", method, model, code.name, error.message)
-            await context.abort(code, error.message)
+            logger.debug("%s %s: %s %s", method, model, error.code.name, error.message)
+            # Counted before the status leaves: a client reading /metrics right after sees its call.
+            self._record(method, model, error.code, started)
+            await context.abort(error.code, error.message)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            # grpc.aio cancels the handler both when the client cancels and when its deadline passes.
+            expired = context.time_remaining() is not None and context.time_remaining() <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            self._record(method, model, code, started)
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
             logger.exception("%s %s failed", method, model)
-            await context.abort(code, "internal error; see the server log")
-        finally:
-            self._record(method, model, code, started)
+            self._record(method, model, grpc.StatusCode.INTERNAL, started)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        else:
+            self._record(method, model, grpc.StatusCode.OK, started)
+            return response
         raise AssertionError("unreachable: context.abort raises")
 
     def _record(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
-        label = model if self._engine is not None and model in self._engine.models else ""  # unknown names would grow the label set unboundedly
-        self.metrics.requests.labels(method, label, code.name).inc()
-        self.metrics.request_seconds.labels(method, label).observe(time.perf_counter() - started)
+        # Unknown names would grow the label set without bound.
+        label = model if self._engine is not None and model in self._engine.models else ""
+        key = (method, label, code.name)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.metrics.requests.labels(method, label, code.name),
+                self.metrics.request_seconds.labels(method, label),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
+
+    def _per_model(self, model: str) -> tuple[Any, Any]:
+        """(words_per_request, queue_seconds) metric children of a loaded model."""
+        children = self._model_children.get(model)
+        if children is None:
+            children = self._model_children[model] = (
+                self.metrics.words_per_request.labels(model),
+                self.metrics.queue_seconds.labels(model),
+            )
+        return children
 
     async def _encode(self, request: pb.EncodeRequest, default_report: bool) -> pb.EncodeResponse:
         started = time.perf_counter()
@@ -152,16 +186,11 @@ class CharRnnService(pb_grpc.CharRnnServicer):
             report = default_report
         else:
             report = request.invalid_words == pb.INVALID_WORD_POLICY_REPORT
-        states = [
-            InitialState(
-                np.asarray(state.hidden, dtype=np.float32),
-                np.asarray(state.cell, dtype=np.float32) if len(state.cell) else None,
-            )
-            for state in request.initial_states
-        ]
-        result = await self.engine.encode(request.model, list(request.words), states, report_invalid=report)
-        self.metrics.words_per_request.labels(result.model.name).observe(len(request.words))
-        return _response(result, started, self.metrics)
+        states = [_initial_state(state) for state in request.initial_states]
+        result = await self.engine.encode_batch(request.model, list(request.words), states, report_invalid=report)
+        words_per_request, queue_seconds = self._per_model(result.model.name)
+        words_per_request.observe(len(request.words))
+        return _response(result, started, queue_seconds)
 
     def _metadata(self, model: ModelRuntime) -> pb.ModelMetadata:
         manifest = model.manifest
@@ -187,25 +216,225 @@ def _as_async(function: Callable[[], Response]) -> Callable[[], Awaitable[Respon
     return call
 
 
-def _response(result: EncodeResult, started: float, metrics: Metrics) -> pb.EncodeResponse:
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = tuple(_varint(value) for value in range(1024))
+
+
+def _len_prefix(value: int) -> bytes:
+    return _SMALL_VARINTS[value] if value < 1024 else _varint(value)
+
+
+def _string_field(tag: bytes, text: str) -> bytes:
+    """A proto3 string field, omitted when empty (as protobuf itself does)."""
+    data = text.encode("utf-8")
+    return tag + _len_prefix(len(data)) + data if data else b""
+
+
+# Wire tags (field number << 3 | wire type): 0 varint, 1 64-bit, 2 length-delimited.
+_MODEL, _HIDDEN_SIZE, _NUM_LAYERS, _RESULT = b"\x0a", b"\x10", b"\x18", b"\x22"
+_WORD, _LENGTH, _OUTPUTS, _HIDDEN, _CELL, _ERROR = b"\x0a", b"\x10", b"\x1a", b"\x22", b"\x2a", b"\x32"
+
+
+def _initial_state(state: pb.State) -> InitialState:
+    """A State message as arrays, read straight from its (packed) wire bytes rather than float by float."""
+    data = state.SerializeToString()  # upb writes repeated floats packed: [tag, length, float32 LE...] per field
+    arrays: dict[int, npt.NDArray[np.float32]] = {}
+    position = 0
+    while position < len(data):
+        tag = data[position]
+        length, position = _read_varint(data, position + 1)
+        if tag not in (0x0A, 0x12) or length % 4 or position + length > len(data):
+            break  # not the layout expected: fall back to the message API
+        arrays[tag >> 3] = np.frombuffer(data, dtype="<f4", count=length // 4, offset=position).astype(np.float32)
+        position += length
+    else:
+        cell = arrays.get(2)
+        return InitialState(arrays.get(1, np.zeros(0, dtype=np.float32)), cell if cell is not None and cell.size else None)
+    return InitialState(
+        np.asarray(state.hidden, dtype=np.float32),
+        np.asarray(state.cell, dtype=np.float32) if len(state.cell) else None,
+    )
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _response(result: BatchResult, started: float, queue_seconds: Any) -> pb.EncodeResponse:
+    """The EncodeResponse for a request, serialised by hand in one pass and parsed once (see module doc)."""
     manifest = result.model.manifest
-    response = pb.EncodeResponse(model=manifest.name, hidden_size=manifest.hidden_size, num_layers=manifest.num_layers)
-    add = response.results.add
-    for item in result.words:
-        if isinstance(item, WordEncoding):
-            add(
-                word=item.word,
-                length=len(item.outputs),
-                outputs=item.outputs.ravel().tolist(),
-                hidden=item.hidden.ravel().tolist(),
-                cell=item.cell.ravel().tolist() if item.cell is not None else (),
-            )
-        else:
-            add(word=item.word, length=len(item.word), error=str(item))
+    header = (
+        _string_field(_MODEL, manifest.name)
+        + (_HIDDEN_SIZE + _varint(manifest.hidden_size) if manifest.hidden_size else b"")
+        + (_NUM_LAYERS + _varint(manifest.num_layers) if manifest.num_layers else b"")
+    )
+    data = _serialise_vectorised(result, header)
+    if data is None:
+        parts: list[bytes | memoryview] = [header]
+        _append_results(result, parts)
+        data = b"".join(parts)
+    response = pb.EncodeResponse.FromString(data)
     if result.stats is not None:
-        metrics.queue_seconds.labels(manifest.name).observe(result.stats.queue_s)
+        queue_seconds.observe(result.stats.queue_s)
         response.timing.queue_ms = result.stats.queue_s * 1000.0
         response.timing.inference_ms = result.stats.inference_s * 1000.0
     response.timing.total_ms = (time.perf_counter() - started) * 1000.0
     return response
 
+
+VECTORISE_WORDS_PER_GROUP = 20
+"""Vectorise when there are at least this many words per distinct word length (measured crossover ~16)."""
+
+
+def _serialise_vectorised(result: BatchResult, header: bytes) -> bytes | memoryview | None:
+    """header + every word's WordResult, built with numpy a group at a time, where that pays; else None.
+
+    Handles the common case: every word good and ASCII (byte length = letters). Words of the same length
+    have records of the same layout, so each length group is one 2-D byte block filled column range by
+    column range (constant headers broadcast, word bytes, the float32 arrays viewed as bytes); the rows
+    are then joined in request order. With a single group the block is written straight into the final
+    buffer after the header (no join, one copy less of a possibly large response). Each group costs a
+    dozen numpy calls, so this is used only with enough words per group; small requests, bad words
+    reported and non-ASCII words take the loop (_append_results).
+    """
+    outputs_array = result.outputs
+    words = result.words
+    if outputs_array is None or result.problems is not None or len(words) < VECTORISE_WORDS_PER_GROUP:
+        return None
+    lengths = result.lengths.astype(np.int64)
+    unique = np.unique(lengths)
+    if len(words) < VECTORISE_WORDS_PER_GROUP * len(unique):
+        return None
+    joined = "".join(words)
+    if not joined.isascii():
+        return None
+    letters = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+    outputs, h_n, c_n = outputs_array.outputs, outputs_array.h_n, outputs_array.c_n
+    hidden_size = outputs.shape[2]
+    state_bytes = h_n.shape[0] * h_n.shape[2] * 4
+    single = len(unique) == 1
+    final: npt.NDArray[np.uint8] | None = None
+    rows_of_group: list[npt.NDArray[np.intp]] = []
+    blocks: list[npt.NDArray[np.uint8]] = []
+    for length in unique.tolist():
+        rows = np.arange(len(words)) if single else np.flatnonzero(lengths == length)
+        pick: slice | npt.NDArray[np.intp] = slice(None) if single else rows
+        count = len(rows)
+        floats = length * hidden_size * 4
+        word_letters = (
+            letters.reshape(count, length) if single
+            else letters[(np.cumsum(lengths) - lengths)[rows, None] + np.arange(length)]
+        )
+        columns: list[bytes | npt.NDArray[np.uint8]] = [
+            _WORD + _len_prefix(length),  # ASCII: the word's byte length is its length
+            word_letters,
+            _LENGTH + _len_prefix(length) + (_OUTPUTS + _len_prefix(floats) if floats else b""),
+            _as_bytes(outputs[pick, :length], count),
+        ]
+        if state_bytes:
+            columns += [_HIDDEN + _len_prefix(state_bytes), _as_bytes(h_n[:, pick].transpose(1, 0, 2), count)]
+            if c_n is not None:
+                columns += [_CELL + _len_prefix(state_bytes), _as_bytes(c_n[:, pick].transpose(1, 0, 2), count)]
+        body = sum(len(column) if isinstance(column, bytes) else column.shape[1] for column in columns)
+        columns.insert(0, _RESULT + _len_prefix(body))
+        width = body + len(columns[0])
+        if single:
+            final = np.empty(len(header) + count * width, dtype=np.uint8)
+            final[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+            block = final[len(header) :].reshape(count, width)
+        else:
+            block = np.empty((count, width), dtype=np.uint8)
+        offset = 0
+        for column in columns:
+            span = len(column) if isinstance(column, bytes) else column.shape[1]
+            block[:, offset : offset + span] = (
+                np.frombuffer(column, dtype=np.uint8) if isinstance(column, bytes) else column
+            )
+            offset += span
+        rows_of_group.append(rows)
+        blocks.append(block)
+    if final is not None:
+        return memoryview(final)
+    records: list[bytes | memoryview] = [b""] * len(words)
+    for rows, block in zip(rows_of_group, blocks, strict=True):
+        view, width = memoryview(block.reshape(-1)), block.shape[1]
+        for index, row in enumerate(rows.tolist()):
+            records[row] = view[index * width : (index + 1) * width]
+    return b"".join([header, *records])
+
+
+def _as_bytes(array: npt.NDArray[np.float32], rows: int) -> npt.NDArray[np.uint8]:
+    """[rows, ...] float32 as [rows, bytes] little-endian float32 bytes (copied only if needed)."""
+    return np.ascontiguousarray(array, dtype="<f4").reshape(rows, -1).view(np.uint8)
+
+
+def _append_results(result: BatchResult, parts: list[bytes | memoryview]) -> None:
+    """Append every word's WordResult (field 4 of EncodeResponse), in request order, as pieces to join:
+    headers as bytes, floats as memoryview slices of the little-endian float32, C-contiguous batch arrays."""
+    append = parts.append
+    problems = result.problems
+    good = iter(())
+    if result.outputs is not None:
+        outputs = np.ascontiguousarray(result.outputs.outputs, dtype="<f4")  # [words, max_len, hidden]
+        hidden = np.ascontiguousarray(result.outputs.h_n.transpose(1, 0, 2), dtype="<f4")  # [words, layers, hidden]
+        c_n = result.outputs.c_n
+        cell = None if c_n is None else np.ascontiguousarray(c_n.transpose(1, 0, 2), dtype="<f4")
+        row_bytes = outputs.shape[1] * outputs.shape[2] * 4
+        step_bytes = outputs.shape[2] * 4
+        state_bytes = hidden.shape[1] * hidden.shape[2] * 4
+        out_view = memoryview(outputs.reshape(-1)).cast("B")
+        hidden_view = memoryview(hidden.reshape(-1)).cast("B")
+        cell_view = None if cell is None or not state_bytes else memoryview(cell.reshape(-1)).cast("B")
+        hidden_head = _HIDDEN + _len_prefix(state_bytes) if state_bytes else b""
+        cell_head = _CELL + _len_prefix(state_bytes) if cell_view is not None else b""
+        tail = (len(hidden_head) + state_bytes if hidden_head else 0) + (
+            len(cell_head) + state_bytes if cell_head else 0
+        )
+        good = iter(result.lengths.tolist())
+        row = 0
+    for index, word in enumerate(result.words):
+        problem = problems[index] if problems is not None else None
+        if problem is not None:
+            record = (
+                _string_field(_WORD, problem.word)
+                + (_LENGTH + _varint(len(problem.word)) if problem.word else b"")
+                + _string_field(_ERROR, str(problem))
+            )
+            append(_RESULT + _len_prefix(len(record)))
+            append(record)
+            continue
+        length = next(good)
+        data = word.encode("utf-8")
+        floats = length * step_bytes
+        head = (
+            (_WORD + _len_prefix(len(data)) + data if data else b"")
+            + (_LENGTH + _len_prefix(length) if length else b"")
+            + (_OUTPUTS + _len_prefix(floats) if floats else b"")
+        )
+        append(_RESULT + _len_prefix(len(head) + floats + tail) + head)
+        start = row * row_bytes
+        append(out_view[start : start + floats])
+        state = row * state_bytes
+        if hidden_head:
+            append(hidden_head)
+            append(hidden_view[state : state + state_bytes])
+        if cell_view is not None:
+            append(cell_head)
+            append(cell_view[state : state + state_bytes])
+        row += 1

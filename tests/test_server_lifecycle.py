@@ -308,7 +308,7 @@ def test_grace_seconds_bounds_the_drain(model_repository: Path, tmp_path: Path) 
             streamer = threading.Thread(target=stream)
             streamer.start()
             assert first_response.wait(30)
-            workers = [threading.Thread(target=unary, args=(seed,)) for seed in range(45)]  # ~3 s of work, or more
+            workers = [threading.Thread(target=unary, args=(seed,)) for seed in range(120)]  # several seconds of work on 2 cores
             for worker in workers:
                 worker.start()
             time.sleep(0.3)

@@ -1,0 +1,744 @@
+"""The performance benchmark: one run, one machine, every number in docs/performance.md.
+
+    python -m clients.benchmark [--quick] [--out docs/performance.md] [--device auto|cpu|cuda]
+
+In one run it measures
+1. the in-process limit: ModelRuntime.run (our one-hot encoding + onnxruntime session.run, no gRPC) for
+   batches of 1, 32 and 1024 words;
+2. the transport limit: a trivial grpc.aio echo service (generic handler, raw bytes, in a subprocess) driven
+   by the same load generator at the same concurrency, answering payloads of the size of real responses;
+3. charrnn-server (a subprocess, as users start it) at concurrency 1, 8, 64 x 1, 32, 1024 words per
+   request, unary and streaming, with batching on and off, on the built-in LSTM;
+4. the same for a larger LSTM exported from a checkpoint (alphabet of 57 letters, hidden 256, 2 layers);
+5. the server's resident memory at idle and its peak under load (psutil, sampled every 50 ms),
+then writes a markdown report: machine, versions, the execution provider actually used, every table, and
+the ratios against the targets. The report is regenerated, never edited by hand.
+
+Needs the test extras (torch to export the models, psutil). --device and --server-arg are passed to the
+servers, so the same command runs on a GPU machine with --device cuda.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.loadgen import LoadConfig, LoadResult, build_request_pool, fetch_alphabet, run_load
+from proto.charrnn.v1 import charrnn_pb2 as pb
+from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+
+MAIN_MODEL = "lstm"
+LARGE_MODEL = "large_lstm"
+LARGE_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + "0123-"  # 57 letters
+LARGE_HIDDEN = 256
+LARGE_LAYERS = 2
+WORD_LENGTH = 8
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one run measures, and for how long."""
+
+    duration_s: float
+    warmup_s: float
+    inprocess_s: float
+    batches: tuple[int, ...]
+    main_cells: tuple[tuple[int, int], ...]
+    """(concurrency, words per request) for the main model."""
+    large_cells: tuple[tuple[int, int], ...]
+    stream: bool = True
+    long_duration_s: float = 0.0
+    """Duration for cells whose requests take long (1024 words on the large model)."""
+
+
+FULL = Plan(
+    duration_s=3.0,
+    warmup_s=0.7,
+    inprocess_s=1.0,
+    batches=(1, 32, 1024),
+    main_cells=tuple((c, w) for w in (1, 32, 1024) for c in (1, 8, 64)),
+    large_cells=((1, 1), (8, 1), (64, 1), (1, 32), (8, 32), (64, 32), (1, 1024), (8, 1024)),
+    long_duration_s=6.0,
+)
+QUICK = Plan(
+    duration_s=0.8,
+    warmup_s=0.3,
+    inprocess_s=0.3,
+    batches=(1, 32, 1024),
+    main_cells=((1, 1), (64, 1), (64, 32), (8, 1024)),
+    large_cells=((64, 1),),
+    long_duration_s=2.0,
+)
+
+
+@dataclass(slots=True)
+class Cell:
+    """One load measurement."""
+
+    target: str  # "echo", "server"
+    model: str
+    rpc: str  # "unary", "stream"
+    batching: bool | None
+    concurrency: int
+    words: int
+    result: dict[str, Any]
+    avg_batch_words: float | None = None
+    peak_rss_mib: float | None = None
+
+
+@dataclass(slots=True)
+class Report:
+    """Everything the markdown is written from (also dumped as JSON with --json)."""
+
+    command: str
+    started_utc: str
+    machine: dict[str, Any]
+    plan: dict[str, Any]
+    server_flags: list[str]
+    providers: dict[str, str] = field(default_factory=dict)
+    inprocess: list[dict[str, Any]] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def log(message: str) -> None:
+    """Progress, to stderr."""
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- machine
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """nproc, CPU model, memory, versions; GPU name when nvidia-smi answers."""
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = ""
+    if device != "cpu":
+        try:
+            gpu = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            gpu = ""
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "gpu": gpu or "none",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers_available": onnxruntime.get_available_providers(),
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
+    }
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def export_repository(folder: Path) -> Path:
+    """The built-in models and the large checkpoint LSTM, exported as charrnn-export would."""
+    import torch  # the export extras; imported here so --help works without them
+
+    from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
+    from export.repository import export_model
+
+    repository = folder / "model_repository"
+    for spec in BUILTIN_SPECS.values():
+        export_model(seeded_model(spec), repository)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(2024)
+    module = torch.nn.LSTM(input_size=len(LARGE_ALPHABET), hidden_size=LARGE_HIDDEN, num_layers=LARGE_LAYERS)
+    torch.random.set_rng_state(generator_state)
+    checkpoint = folder / f"{LARGE_MODEL}.pt"
+    torch.save(module.state_dict(), checkpoint)
+    export_model(load_checkpoint(checkpoint, name=LARGE_MODEL, kind="lstm", alphabet=LARGE_ALPHABET), repository)
+    return repository
+
+
+def measure_inprocess(repository: Path, device: str, intra_op_threads: int, plan: Plan) -> list[dict[str, Any]]:
+    """words/s of ModelRuntime.run (one-hot + session.run) for each batch size, on one thread."""
+    from server.runtime import ModelRuntime
+
+    rows = []
+    for name in (MAIN_MODEL, LARGE_MODEL):
+        model = ModelRuntime(repository / name, device, intra_op_threads)
+        rng = np.random.default_rng(0)
+        letters = np.array(list(model.manifest.alphabet))
+        for batch in plan.batches:
+            words = ["".join(row) for row in letters[rng.integers(0, len(letters), size=(batch, WORD_LENGTH))]]
+            encoded = model.alphabet.encode(words)
+            h0 = model.zero_state(batch)
+            c0 = np.zeros_like(h0) if model.manifest.has_cell_state else None
+            model.run(encoded, h0, c0)  # warm-up
+            runs, started = 0, time.perf_counter()
+            while True:
+                model.run(encoded, h0, c0)
+                runs += 1
+                elapsed = time.perf_counter() - started
+                if elapsed >= plan.inprocess_s and runs >= 3:
+                    break
+            rows.append({
+                "model": name, "provider": model.provider, "batch_words": batch, "runs": runs,
+                "ms_per_run": elapsed / runs * 1000, "words_per_s": batch * runs / elapsed,
+            })
+            log(f"in-process {name} batch {batch}: {batch * runs / elapsed:,.0f} words/s")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+@dataclass
+class Subprocess:
+    """A server started for the benchmark."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int | None
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _spawn(name: str, command: list[str], port_file: Path, log_path: Path, timeout_s: float = 120.0) -> Subprocess:
+    with log_path.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists() or not port_file.read_text():
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"{name} did not start in {timeout_s} s:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    ports = json.loads(port_file.read_text())
+    return Subprocess(name, process, int(ports["port"]), ports.get("metrics_port"), log_path)
+
+
+def start_server(
+    name: str, repository: Path, folder: Path, device: str, batching: bool, extra: Sequence[str]
+) -> Subprocess:
+    """charrnn-server on a free port, waited for until its health service says SERVING."""
+    port_file = folder / f"{name}.ports.json"
+    command = [
+        sys.executable, "-m", "server", "--repository", str(repository), "--address", "127.0.0.1", "--port", "0",
+        "--metrics-port", "0", "--port-file", str(port_file), "--device", device, "--log-level", "WARNING",
+        "--batching" if batching else "--no-batching", *extra,
+    ]
+    server = _spawn(name, command, port_file, folder / f"{name}.log")
+    with grpc.insecure_channel(server.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=120)
+    if status.status != health_pb2.HealthCheckResponse.SERVING:
+        raise RuntimeError(f"{name}: health says {status.status}")
+    return server
+
+
+def start_echo(folder: Path) -> Subprocess:
+    """The echo service of charrnn-loadgen --serve-echo."""
+    port_file = folder / "echo.ports.json"
+    command = [sys.executable, "-m", "clients.loadgen", "--serve-echo", "--port-file", str(port_file)]
+    return _spawn("echo", command, port_file, folder / "echo.log")
+
+
+def providers_of(server: Subprocess) -> dict[str, str]:
+    """Each model's execution provider, as the server reports it (the one actually running)."""
+    with grpc.insecure_channel(server.target) as channel:
+        models = pb_grpc.CharRnnStub(channel).ListModels(pb.ListModelsRequest(), timeout=30).models
+    return {model.name: model.execution_provider for model in models}
+
+
+class RssSampler:
+    """Samples the resident set size of some processes every 50 ms in a thread; peaks can be read and reset."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self._peaks = dict.fromkeys(pids, 0)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            for name, process in self._processes.items():
+                try:
+                    rss = process.memory_info().rss
+                except psutil.Error:
+                    continue
+                with self._lock:
+                    self._peaks[name] = max(self._peaks[name], rss)
+
+    def take_peak(self, name: str) -> int:
+        """Peak RSS since the last call (bytes), then reset."""
+        with self._lock:
+            peak = self._peaks[name]
+            self._peaks[name] = self._processes[name].memory_info().rss
+        return max(peak, self._peaks[name])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def rss_mib(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / MIB
+
+
+def hwm_mib(pid: int) -> float | None:
+    """The kernel's high-water mark of the resident set (VmHWM), if readable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def batch_words_totals(server: Subprocess, model: str) -> tuple[float, float]:
+    """(sum, count) of charrnn_batch_words for a model, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+
+    if server.metrics_port is None:
+        return 0.0, 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "charrnn_batch_words":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return total, count
+
+
+# ----------------------------------------------------------------------------------------------------- load
+
+
+def _load(target: str, model: str, concurrency: int, words: int, plan: Plan, stream: bool, processes: int,
+          echo_bytes: int | None = None, duration_s: float | None = None) -> LoadResult:
+    return run_load(
+        LoadConfig(
+            target=target, model=model, concurrency=concurrency, words_per_request=words, word_length=WORD_LENGTH,
+            duration_s=duration_s or plan.duration_s, warmup_s=plan.warmup_s, stream=stream, processes=processes,
+            echo=echo_bytes is not None, echo_response_bytes=echo_bytes or 0,
+        )
+    )
+
+
+def response_bytes(server: Subprocess, model: str, words: int) -> int:
+    """Size of the server's response to the load generator's first request of that shape."""
+    request = build_request_pool(model, fetch_alphabet(server.target, model), words, WORD_LENGTH)[0]
+    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 256 * MIB)]) as channel:
+        data: bytes = channel.unary_unary("/charrnn.v1.CharRnn/Encode")(request, timeout=120)
+    return len(data)
+
+
+def run_cells(
+    report: Report, plan: Plan, servers: dict[bool, Subprocess], echo: Subprocess, sampler: RssSampler,
+    processes: int,
+) -> None:
+    """Every load cell, interleaved per shape (server batching on, off, then echo) so they share conditions."""
+    shapes: list[tuple[str, int, int]] = [(MAIN_MODEL, c, w) for c, w in plan.main_cells]
+    shapes += [(LARGE_MODEL, c, w) for c, w in plan.large_cells]
+    rpcs = ("unary", "stream") if plan.stream else ("unary",)
+    for model, concurrency, words in shapes:
+        long = model == LARGE_MODEL and words >= 1024
+        duration = plan.long_duration_s if long else plan.duration_s
+        for rpc in rpcs:
+            for batching in (True, False):
+                server = servers[batching]
+                before = batch_words_totals(server, model)
+                sampler.take_peak(server.name)
+                result = _load(server.target, model, concurrency, words, plan, rpc == "stream", processes,
+                               duration_s=duration)
+                after = batch_words_totals(server, model)
+                runs = after[1] - before[1]
+                cell = Cell(
+                    "server", model, rpc, batching, concurrency, words, result.to_json(),
+                    avg_batch_words=(after[0] - before[0]) / runs if runs else None,
+                    peak_rss_mib=sampler.take_peak(server.name) / MIB,
+                )
+                report.cells.append(cell)
+                log(f"{model} {rpc} batching={'on' if batching else 'off'} c{concurrency} w{words}: "
+                    f"{result.requests_per_s:,.0f} req/s, {result.words_per_s:,.0f} words/s, "
+                    f"p50 {result.latency_ms['p50']:.2f} ms, errors {result.errors or 'none'}")
+            if model == MAIN_MODEL:
+                payload = response_bytes(servers[True], model, words)
+                result = _load(echo.target, model, concurrency, words, plan, rpc == "stream", processes,
+                               echo_bytes=payload)
+                report.cells.append(Cell("echo", model, rpc, None, concurrency, words, result.to_json()))
+                log(f"echo {rpc} c{concurrency} w{words} ({payload} B): {result.requests_per_s:,.0f} req/s, "
+                    f"p50 {result.latency_ms['p50']:.2f} ms")
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def _find(report: Report, **match: Any) -> Cell | None:
+    for cell in report.cells:
+        if all(getattr(cell, key) == value for key, value in match.items()):
+            return cell
+    return None
+
+
+def _inprocess(report: Report, model: str, batch: int) -> float | None:
+    for row in report.inprocess:
+        if row["model"] == model and row["batch_words"] == batch:
+            return float(row["words_per_s"])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One target: what was compared, the ratio, the goal."""
+
+    name: str
+    detail: str
+    ratio: float | None
+    goal: str
+    passed: bool | None
+
+
+def evaluate(report: Report) -> list[Check]:
+    """The targets, as ratios from this run."""
+    checks: list[Check] = []
+    on = {"target": "server", "model": MAIN_MODEL, "batching": True, "rpc": "unary"}
+
+    def add(name: str, detail: str, ratio: float | None, goal: str, ok: Any) -> None:
+        valid = ratio is not None and math.isfinite(ratio)
+        checks.append(Check(name, detail, ratio if valid else None, goal, bool(ok(ratio)) if valid else None))
+
+    server, echo = _find(report, concurrency=1, words=1, **on), _find(report, target="echo", rpc="unary", concurrency=1, words=1)
+    if server and echo:
+        s, e = server.result["latency_ms"]["p50"], echo.result["latency_ms"]["p50"]
+        add("1 word, concurrency 1: latency", f"server p50 {s:.3f} ms / echo p50 {e:.3f} ms", s / e, "<= 1.5",
+            lambda r: r <= 1.5)
+    server, echo = _find(report, concurrency=64, words=1, **on), _find(report, target="echo", rpc="unary", concurrency=64, words=1)
+    if server and echo:
+        s, e = server.result["words_per_s"], echo.result["requests_per_s"]
+        add("1 word, concurrency 64: throughput", f"server {s:,.0f} words/s / echo {e:,.0f} req/s", s / e, ">= 0.9",
+            lambda r: r >= 0.9)
+    server, echo = _find(report, concurrency=64, words=32, **on), _find(report, target="echo", rpc="unary", concurrency=64, words=32)
+    if server and echo:
+        s, e = server.result["words_per_s"], echo.result["words_per_s"]
+        add("32 words, concurrency 64: throughput", f"server {s:,.0f} words/s / echo {e:,.0f} words/s "
+            f"({echo.result['response_bytes']:,} B responses)", s / e, ">= 0.8", lambda r: r >= 0.8)
+    limit = _inprocess(report, MAIN_MODEL, 1024)
+    candidates = [
+        cell for cell in report.cells
+        if cell.target == "server" and cell.model == MAIN_MODEL and cell.batching and cell.concurrency == 8
+        and cell.words == 1024
+    ]
+    if candidates and limit:
+        best = max(candidates, key=lambda cell: cell.result["words_per_s"])
+        s = best.result["words_per_s"]
+        add("1024 words, concurrency 8: vs in-process", f"server ({best.rpc}) {s:,.0f} words/s / in-process batch "
+            f"1024 {limit:,.0f} words/s", s / limit, ">= 0.6", lambda r: r >= 0.6)
+    large_on = _find(report, target="server", model=LARGE_MODEL, rpc="unary", batching=True, concurrency=64, words=1)
+    large_off = _find(report, target="server", model=LARGE_MODEL, rpc="unary", batching=False, concurrency=64, words=1)
+    if large_on and large_off:
+        a, b = large_on.result["words_per_s"], large_off.result["words_per_s"]
+        add("large model, 1 word, concurrency 64: batching", f"on {a:,.0f} / off {b:,.0f} words/s", a / b if b else None,
+            ">= 2", lambda r: r >= 2)
+    memory = report.memory.get("batching on")
+    if memory:
+        add("idle RSS", f"{memory['idle_mib']:.0f} MiB", memory["idle_mib"] / 150, "<= 1 (150 MiB)", lambda r: r <= 1)
+        add("RSS under load / idle", f"peak {memory['peak_main_mib']:.0f} MiB on {MAIN_MODEL} "
+            f"/ idle {memory['idle_mib']:.0f} MiB", memory["peak_main_mib"] / memory["idle_mib"], "<= 1.5",
+            lambda r: r <= 1.5)
+    return checks
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def render(report: Report, checks: list[Check]) -> str:
+    """The markdown report."""
+    m = report.machine
+    lines = [
+        "# Performance",
+        "",
+        "<!-- Generated by clients/benchmark.py; do not edit by hand: rerun the command below. -->",
+        "",
+        f"Command: `{report.command}`  ",
+        f"Date: {report.started_utc} (UTC), {report.elapsed_s / 60:.1f} min  ",
+        f"Machine: {m['nproc']} CPUs (`nproc`; {m['affinity']} usable), {m['cpu_model']}, {m['memory_gib']} GiB, "
+        f"GPU: {m['gpu']}; load average at start {m['load_average_at_start']}  ",
+        f"Software: Python {m['python']}, onnxruntime {m['onnxruntime']} (providers built in: "
+        f"{', '.join(m['onnxruntime_providers_available'])}), grpcio {m['grpcio']}, numpy {m['numpy']}, "
+        f"{m['platform']}  ",
+        "Execution provider actually used (as the server reports it): "
+        + ", ".join(f"{name}: {provider}" for name, provider in sorted(report.providers.items())) + "  ",
+        f"Server flags: `{' '.join(report.server_flags) or '(defaults)'}`; each cell: "
+        f"{report.plan['duration_s']} s measured after {report.plan['warmup_s']} s warm-up "
+        f"({report.plan['long_duration_s']} s for 1024-word requests on the large model), words of "
+        f"{WORD_LENGTH} random letters, one load-generator process per cell unless stated.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | ratio | goal | result |",
+        "|---|---|---:|---|---|",
+    ]
+    for check in checks:
+        verdict = "-" if check.passed is None else ("pass" if check.passed else "**miss**")
+        lines.append(f"| {check.name} | {check.detail} | {_fmt(check.ratio, 2)} | {check.goal} | {verdict} |")
+    lines += [
+        "",
+        "## In-process limit",
+        "",
+        "`ModelRuntime.run`: our one-hot encoding (server.alphabet) + onnxruntime `session.run`, one thread, "
+        "the server's session options; no gRPC, no request parsing, no response building.",
+        "",
+        "| model | provider | batch (words) | ms per run | words/s |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in report.inprocess:
+        lines.append(f"| {row['model']} | {row['provider']} | {row['batch_words']} | {row['ms_per_run']:.3f} | "
+                     f"{row['words_per_s']:,.0f} |")
+    lines += [
+        "",
+        "## Transport limit: grpc.aio echo",
+        "",
+        "A generic-handler grpc.aio service in its own process that answers each request (same size as a real "
+        f"one) with a fixed payload the size of the server's response to it ({MAIN_MODEL}).",
+        "",
+        "| rpc | concurrency | words/request | response bytes | requests/s | words/s | p50 ms | p90 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in report.cells:
+        if cell.target == "echo":
+            r = cell.result
+            lines.append(f"| {cell.rpc} | {cell.concurrency} | {cell.words} | {r['response_bytes']:,} | "
+                         f"{r['requests_per_s']:,.0f} | {r['words_per_s']:,.0f} | {r['latency_ms']['p50']:.3f} | "
+                         f"{r['latency_ms']['p90']:.3f} | {r['latency_ms']['p99']:.3f} |")
+    for model, title in ((MAIN_MODEL, f"built-in `{MAIN_MODEL}` (alphabet 4, hidden 2, 3 layers)"),
+                         (LARGE_MODEL, f"`{LARGE_MODEL}` from a checkpoint (alphabet {len(LARGE_ALPHABET)}, "
+                                       f"hidden {LARGE_HIDDEN}, {LARGE_LAYERS} layers)")):
+        lines += [
+            "",
+            f"## Server: {title}",
+            "",
+            "| rpc | batching | concurrency | words/request | requests/s | words/s | p50 ms | p90 ms | p99 ms | "
+            "avg batch words | errors | peak RSS MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for cell in report.cells:
+            if cell.target != "server" or cell.model != model:
+                continue
+            r = cell.result
+            errors = ", ".join(f"{count} {code}" for code, count in r["errors"].items()) or "-"
+            lines.append(
+                f"| {cell.rpc} | {'on' if cell.batching else 'off'} | {cell.concurrency} | {cell.words} | "
+                f"{r['requests_per_s']:,.0f} | {r['words_per_s']:,.0f} | {r['latency_ms']['p50']:.3f} | "
+                f"{r['latency_ms']['p90']:.3f} | {r['latency_ms']['p99']:.3f} | {_fmt(cell.avg_batch_words, 1)} | "
+                f"{errors} | {_fmt(cell.peak_rss_mib, 0)} |"
+            )
+    lines += [
+        "",
+        "## Memory",
+        "",
+        "Resident set of each server process (psutil, sampled every 50 ms; both models loaded). Idle: after start-up, "
+        "before any load. Peak: the highest sample while driving that model; VmHWM: the kernel's high-water mark "
+        "at the end of the run.",
+        "",
+        f"| server | idle MiB | peak under load, {MAIN_MODEL} | peak under load, {LARGE_MODEL} | VmHWM MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, memory in report.memory.items():
+        lines.append(f"| {name} | {memory['idle_mib']:.0f} | {memory['peak_main_mib']:.0f} | "
+                     f"{_fmt(memory.get('peak_large_mib'), 0)} | {_fmt(memory.get('hwm_mib'), 0)} |")
+    lines += ["", NOTES]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = """## How to read this
+
+- Throughput counts requests that completed inside the measured window (steady state, as perf_analyzer
+  does); latency is per request (per message for streams), client-side, over TCP loopback. Streams: one
+  stream per unit of concurrency, one message in flight on each.
+- Client, servers and echo share the machine's cores (on a 2-core machine the load generator alone takes a
+  large share of one), for the echo baseline and the server alike: that is why the targets are ratios
+  measured in the same run, cell by cell (server batching on, off, then echo, for each shape). Other
+  load on the machine (see the load average above) moves every number; rerun before trusting one cell.
+- "avg batch words" is the server's own charrnn_batch_words histogram over the cell: the words each
+  onnxruntime run carried. With batching off it is the request size.
+- --max-queue-delay-ms (see Server flags) only lets a batch wait for company once traffic is evidently
+  concurrent (several callers in the batch, or one that arrived while the batcher was busy); a lone
+  request on an idle server never waits, so the concurrency-1 rows pay nothing for it.
+- Unary load is bounded by gRPC's asyncio server, which admits calls one at a time on its event loop; the
+  echo service has the same bound. On a small model most one-word requests therefore arrive alone and
+  the batcher runs them at once on the loop (no executor hand-off); batches form when a run is slower
+  than the gap between arrivals (the large model), in bursts, and on streams.
+- Where the server's time goes was measured while developing (py-spy and cProfile on the server under
+  this load; CPU, 2 cores), not in this run: for one-word requests about half of the event loop's time
+  is gRPC's own per-call work inside its Cython layer (the echo service pays it too) and about a quarter
+  is ours (request checks, one-hot, response building, metrics) plus the onnxruntime run itself; for
+  1024-word requests the model run dominates.
+"""
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.benchmark", description=__doc__.split("\n\n", 1)[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run (fewer, shorter cells)")
+    parser.add_argument("--out", type=Path, default=Path("docs/performance.md"), help="markdown report to write")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON here")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="passed to the servers and used for the in-process runs")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0,
+                        help="the servers' --max-queue-delay-ms: how long a batch may wait for company once "
+                             "traffic is evidently concurrent (a lone request never waits)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                        help="extra charrnn-server flag (repeatable), e.g. --server-arg=--intra-op-threads=2")
+    parser.add_argument("--client-processes", type=int, default=1, help="load-generator processes per cell")
+    parser.add_argument("--intra-op-threads", type=int, default=1,
+                        help="onnxruntime threads for the in-process runs (the server's default is 1)")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming cells")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run everything and write the report."""
+    args = build_parser().parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.no_stream:
+        plan = Plan(**{**asdict(plan), "stream": False})
+    command = "python -m clients.benchmark " + " ".join(shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv))
+    started = time.monotonic()
+    report = Report(
+        command=command.strip(),
+        started_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        machine=machine_info(args.device),
+        plan=asdict(plan),
+        server_flags=["--max-queue-delay-ms", f"{args.max_queue_delay_ms:g}", *args.server_arg],
+    )
+    with tempfile.TemporaryDirectory(prefix="charrnn-benchmark-") as scratch:
+        folder = Path(scratch)
+        log("exporting the models")
+        repository = export_repository(folder)
+        log("in-process limit")
+        report.inprocess = measure_inprocess(repository, args.device, args.intra_op_threads, plan)
+        with _servers(repository, folder, args.device, report.server_flags) as (servers, echo):
+            report.providers = providers_of(servers[True])
+            time.sleep(1.0)  # let start-up settle before reading idle memory
+            idle = {batching: rss_mib(server.process.pid) for batching, server in servers.items()}
+            sampler = RssSampler({server.name: server.process.pid for server in servers.values()})
+            try:
+                run_cells(report, plan, servers, echo, sampler, args.client_processes)
+            finally:
+                sampler.close()
+            for batching, server in servers.items():
+                peaks = [c.peak_rss_mib or 0.0 for c in report.cells if c.target == "server" and c.batching is batching]
+                main_peaks = [c.peak_rss_mib or 0.0 for c in report.cells
+                              if c.target == "server" and c.batching is batching and c.model == MAIN_MODEL]
+                large_peaks = [c.peak_rss_mib or 0.0 for c in report.cells
+                               if c.target == "server" and c.batching is batching and c.model == LARGE_MODEL]
+                report.memory[f"batching {'on' if batching else 'off'}"] = {
+                    "idle_mib": idle[batching],
+                    "peak_main_mib": max(main_peaks, default=0.0),
+                    "peak_large_mib": max(large_peaks, default=0.0) if large_peaks else float("nan"),
+                    "peak_mib": max(peaks, default=0.0),
+                    "hwm_mib": hwm_mib(server.process.pid) or float("nan"),
+                }
+    report.elapsed_s = time.monotonic() - started
+    checks = evaluate(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(report, checks))
+    if args.json is not None:
+        args.json.write_text(json.dumps({**asdict(report), "checks": [asdict(c) for c in checks]}, indent=2))
+    log(f"wrote {args.out} in {report.elapsed_s / 60:.1f} min")
+    for check in checks:
+        verdict = "-" if check.passed is None else ("pass" if check.passed else "MISS")
+        print(f"{verdict:5s} {check.name}: {check.detail} -> {_fmt(check.ratio, 2)} (goal {check.goal})")
+    return 0
+
+
+@contextmanager
+def _servers(
+    repository: Path, folder: Path, device: str, extra: Sequence[str]
+) -> Iterator[tuple[dict[bool, Subprocess], Subprocess]]:
+    started: list[Subprocess] = []
+    try:
+        servers = {}
+        for batching in (True, False):
+            server = start_server(f"server-batching-{'on' if batching else 'off'}", repository, folder, device,
+                                  batching, extra)
+            started.append(server)
+            servers[batching] = server
+        echo = start_echo(folder)
+        started.append(echo)
+        yield servers, echo
+    finally:
+        for process in started:
+            process.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

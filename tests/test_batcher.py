@@ -1,0 +1,528 @@
+"""Dynamic batching: exact, actually merging, failure-isolating, bounded, and free for a lone request.
+
+Most tests run in-process (asyncio.run) over real ModelRuntime objects loaded from the session's model
+repository; ground truth is export.trace.eager_word on each word alone. Where a test needs the model run to
+fail or to block (poisoned batches, a full queue, cancelled callers), it wraps the real runtime in a small
+subclass: no valid input makes onnxruntime fail or wait, so the fault has to be injected, and the subclass
+still runs the real session for everything it lets through. One test drives a real server subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+from torch import nn
+
+from clients.client import AsyncCharRnnClient, ResourceExhaustedError
+from conftest import LARGE_ALPHABET, LARGE_MODEL, start_server
+from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
+from export.trace import PARITY_TOLERANCE, eager_word
+from proto.charrnn.v1 import charrnn_pb2 as pb
+from server.alphabet import EncodedWords
+from server.batcher import Batcher, BatchSettings, DirectRunner
+from server.engine import Engine, EncodeResult, InitialState, Limits, WordEncoding
+from server.errors import InvalidWordError, OverloadedError
+from server.metrics import Metrics
+from server.runtime import BatchOutputs, ModelRuntime, load_repository
+from server.service import _response
+
+MODELS = ("rnn", "rnn_multi_layers", "lstm", LARGE_MODEL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_torch() -> Iterator[None]:
+    """Eager runs of tiny modules are faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runtimes(model_repository: Path) -> dict[str, ModelRuntime]:
+    return load_repository(model_repository, "cpu")
+
+
+@pytest.fixture(scope="module")
+def modules(large_checkpoint: Path) -> dict[str, nn.RNNBase]:
+    """The eager modules, rebuilt independently of the repository."""
+    built = {name: seeded_model(spec).module for name, spec in BUILTIN_SPECS.items()}
+    built[LARGE_MODEL] = load_checkpoint(
+        large_checkpoint, name=LARGE_MODEL, kind="lstm", alphabet=LARGE_ALPHABET
+    ).module
+    return built
+
+
+class Recorder:
+    """A RunObserver keeping (model, batch words) of every run."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, int]] = []
+
+    def __call__(self, model: str, words: int, seconds: float) -> None:
+        self.runs.append((model, words))
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    words: list[str]
+    states: list[InitialState]
+
+
+def random_traffic(runtimes: dict[str, ModelRuntime], seed: int, count: int) -> list[Request]:
+    """Mixed models, word counts, word lengths (1..20), with initial states on about a third of requests."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        name = rng.choice(MODELS)
+        manifest = runtimes[name].manifest
+        letters = manifest.alphabet
+        words = [
+            "".join(rng.choice(letters) for _ in range(rng.choice([1, 2, 3, rng.randint(1, 20)])))
+            for _ in range(rng.randint(1, 9))
+        ]
+        states: list[InitialState] = []
+        if rng.random() < 0.35:
+            shape = (manifest.num_layers, manifest.hidden_size)
+            generator = np.random.default_rng(rng.randrange(2**32))
+            for _ in words:
+                hidden = generator.normal(size=shape).astype(np.float32)
+                cell = generator.normal(size=shape).astype(np.float32) if manifest.has_cell_state else None
+                states.append(InitialState(hidden, cell))
+        requests.append(Request(name, words, states))
+    return requests
+
+
+def max_error(a: WordEncoding, b: WordEncoding) -> float:
+    assert a.word == b.word
+    assert a.outputs.shape == b.outputs.shape and a.hidden.shape == b.hidden.shape
+    errors = [np.max(np.abs(a.outputs - b.outputs)), np.max(np.abs(a.hidden - b.hidden))]
+    assert (a.cell is None) == (b.cell is None)
+    if a.cell is not None and b.cell is not None:
+        errors.append(np.max(np.abs(a.cell - b.cell)))
+    return float(max(errors))
+
+
+def eager(module: nn.RNNBase, runtime: ModelRuntime, word: str, state: InitialState | None) -> WordEncoding:
+    indices = [runtime.manifest.alphabet.index(char) for char in word]
+    result = eager_word(module, indices, None if state is None else state.hidden, None if state is None else state.cell)
+    return WordEncoding(word, result.outputs, result.hidden, result.cell)
+
+
+async def encode_all(engine: Engine, requests: Sequence[Request]) -> list[EncodeResult]:
+    engine.start()
+    try:
+        return await asyncio.gather(*(engine.encode(r.model, r.words, r.states) for r in requests))
+    finally:
+        await engine.close()
+
+
+# ---- exactness ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_equals_unbatched_equals_eager_on_concurrent_mixed_traffic(
+    runtimes: dict[str, ModelRuntime], modules: dict[str, nn.RNNBase], seed: int
+) -> None:
+    requests = random_traffic(runtimes, seed, count=80)
+    recorder = Recorder()
+    batched = asyncio.run(
+        encode_all(Engine(runtimes, Limits(), BatchSettings(max_batch_words=64), observer=recorder), requests)
+    )
+    unbatched = asyncio.run(encode_all(Engine(runtimes, Limits(), None), requests))
+    largest = max(len(r.words) for r in requests)
+    assert max(words for _, words in recorder.runs) > largest, "concurrent requests were never merged"
+    for request, merged, alone in zip(requests, batched, unbatched, strict=True):
+        assert len(merged.words) == len(alone.words) == len(request.words)
+        runtime, module = runtimes[request.model], modules[request.model]
+        for index, (a, b) in enumerate(zip(merged.words, alone.words, strict=True)):
+            assert isinstance(a, WordEncoding) and isinstance(b, WordEncoding)
+            assert max_error(a, b) <= PARITY_TOLERANCE
+            state = request.states[index] if request.states else None
+            assert max_error(a, eager(module, runtime, request.words[index], state)) <= PARITY_TOLERANCE
+
+
+def test_concurrent_requests_are_merged_into_one_run(runtimes: dict[str, ModelRuntime]) -> None:
+    recorder = Recorder()
+    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=1024), observer=recorder)
+    requests = [Request("lstm", ["hello", "he"], []) for _ in range(20)]
+    asyncio.run(encode_all(engine, requests))
+    assert recorder.runs == [("lstm", 40)]  # all were queued before the worker woke: one run
+
+
+def test_results_report_the_batch_they_rode_in(runtimes: dict[str, ModelRuntime]) -> None:
+    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=6))
+    results = asyncio.run(encode_all(engine, [Request("rnn", ["hel", "lo"], []) for _ in range(6)]))
+    assert [result.stats.batch_words for result in results if result.stats] == [6] * 6
+
+
+# ---- failures stay inside their batch ------------------------------------------------------------------------------
+
+POISON_LENGTH = 13
+
+
+class PoisonedRuntime(ModelRuntime):
+    """The real runtime, except that a batch holding a word of POISON_LENGTH letters fails."""
+
+    def run(
+        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
+    ) -> BatchOutputs:
+        if POISON_LENGTH in encoded.lengths.tolist():
+            raise RuntimeError("poisoned batch")
+        return super().run(encoded, h0, c0)
+
+
+def test_a_failure_reaches_every_caller_of_its_batch_and_no_other(runtimes: dict[str, ModelRuntime]) -> None:
+    model = PoisonedRuntime(runtimes["lstm"].folder, "cpu")
+    recorder = Recorder()
+    engine = Engine({"lstm": model}, Limits(), BatchSettings(max_batch_words=4), observer=recorder)
+    poison = "h" * POISON_LENGTH
+    # Queued together, in order, before the worker wakes: batches [A, B], [C, D], [E, F] of 4 words each.
+    requests = [
+        Request("lstm", ["he", "ll"], []),  # A
+        Request("lstm", ["lo", poison], []),  # B: poisons A and B
+        Request("lstm", ["ol", "eh"], []),  # C
+        Request("lstm", ["hole", "o"], []),  # D
+        Request("lstm", [poison, "e"], []),  # E: poisons E and F
+        Request("lstm", ["e", "l"], []),  # F
+    ]
+
+    async def run_all() -> list[EncodeResult | BaseException]:
+        engine.start()
+        try:
+            return await asyncio.gather(
+                *(engine.encode(r.model, r.words) for r in requests), return_exceptions=True
+            )
+        finally:
+            await engine.close()
+
+    outcomes = asyncio.run(run_all())
+    failed = [isinstance(outcome, RuntimeError) and str(outcome) == "poisoned batch" for outcome in outcomes]
+    assert failed == [True, True, False, False, True, True]
+    assert recorder.runs == [("lstm", 4)]  # only the healthy batch completed
+    healthy = outcomes[2]
+    assert isinstance(healthy, EncodeResult) and [w.word for w in healthy.words] == ["ol", "eh"]  # type: ignore[union-attr]
+
+
+class GatedRuntime(ModelRuntime):
+    """The real runtime, except that each run first waits for the test to open the gate."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, "cpu")
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.waiting = 0
+
+    def run(
+        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
+    ) -> BatchOutputs:
+        self.waiting += 1
+        self.entered.set()
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("the test never opened the gate")
+        return super().run(encoded, h0, c0)
+
+
+async def _until(condition: threading.Event) -> None:
+    deadline = time.monotonic() + 10
+    while not condition.is_set():
+        assert time.monotonic() < deadline, "the run never started"
+        await asyncio.sleep(0.001)
+
+
+def test_a_full_queue_answers_overloaded_instead_of_hanging(runtimes: dict[str, ModelRuntime]) -> None:
+    model = GatedRuntime(runtimes["rnn"].folder)
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = Batcher(model, executor, BatchSettings(max_batch_words=4, max_queue_words=6))
+
+    def submit(words: list[str]) -> asyncio.Future[tuple[BatchOutputs, object]]:
+        encoded = model.alphabet.encode(words)
+        h0 = model.zero_state(len(words))
+        return asyncio.ensure_future(batcher.submit(encoded, h0, None))
+
+    async def scenario() -> None:
+        batcher.start()
+        running = submit(["hello", "he"])  # taken at once; its run waits at the gate
+        await _until(model.entered)
+        queued = [submit(["hel", "lo"]), submit(["ho", "le"]), submit(["oh", "eh"])]  # 6 words: the limit
+        await asyncio.sleep(0)
+        assert batcher.queued_words == 6
+        with pytest.raises(OverloadedError) as raised:
+            await asyncio.wait_for(batcher.submit(model.alphabet.encode(["l"]), model.zero_state(1), None), 1.0)
+        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "is overloaded: 6 words queued (limit 6)" in raised.value.message
+        model.gate.set()
+        outputs = await asyncio.wait_for(asyncio.gather(running, *queued), 30)
+        assert [len(result[0].h_n[0]) for result in outputs] == [2, 2, 2, 2]
+        assert batcher.queued_words == 0
+        await batcher.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.gate.set()
+        executor.shutdown()
+
+
+def test_cancelled_callers_words_are_skipped(runtimes: dict[str, ModelRuntime]) -> None:
+    model = GatedRuntime(runtimes["rnn"].folder)
+    executor = ThreadPoolExecutor(max_workers=1)
+    recorder = Recorder()
+    batcher = Batcher(model, executor, BatchSettings(max_batch_words=100), recorder)
+
+    def submit(words: list[str]) -> asyncio.Task[tuple[BatchOutputs, object]]:
+        return asyncio.ensure_future(batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
+
+    async def scenario() -> None:
+        batcher.start()
+        first = submit(["hello"])
+        await _until(model.entered)
+        kept_a, dropped, kept_b = submit(["he", "lo"]), submit(["o", "h", "e", "l"]), submit(["hole"])
+        await asyncio.sleep(0)
+        dropped.cancel()
+        model.gate.set()
+        _, a, b = await asyncio.wait_for(asyncio.gather(first, kept_a, kept_b), 30)
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        await batcher.close()
+        assert a[0].h_n.shape[1] == 2 and b[0].h_n.shape[1] == 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.gate.set()
+        executor.shutdown()
+    assert recorder.runs == [("rnn", 1), ("rnn", 3)]  # the cancelled request's 4 words never ran
+
+
+def test_batches_run_side_by_side_up_to_the_limit_then_merge(runtimes: dict[str, ModelRuntime]) -> None:
+    model = GatedRuntime(runtimes["rnn"].folder)
+    executor = ThreadPoolExecutor(max_workers=2)
+    recorder = Recorder()
+    batcher = Batcher(model, executor, BatchSettings(max_batch_words=100), recorder, max_concurrent_runs=2)
+
+    def submit(words: list[str]) -> asyncio.Task[tuple[BatchOutputs, object]]:
+        return asyncio.ensure_future(batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
+
+    async def scenario() -> None:
+        batcher.start()
+        first = submit(["hello"])
+        await _until(model.entered)
+        second = submit(["he", "lo"])  # a second slot is free: runs beside the first
+        deadline = time.monotonic() + 10
+        while model.waiting < 2:
+            assert time.monotonic() < deadline, "the second batch did not start beside the first"
+            await asyncio.sleep(0.001)
+        rest = [submit(["o"]), submit(["h", "e", "l"])]  # both slots taken: these queue and merge
+        await asyncio.sleep(0.01)
+        assert batcher.queued_words == 4
+        model.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second, *rest), 30)
+        await batcher.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.gate.set()
+        executor.shutdown()
+    assert sorted(words for _, words in recorder.runs) == [1, 2, 4]
+
+
+# ---- latency: a lone request is never held back ---------------------------------------------------------------
+
+
+def _lone_latency(runner: Batcher | DirectRunner, model: ModelRuntime, repeats: int = 20) -> float:
+    async def scenario() -> float:
+        runner.start()
+        encoded, h0 = model.alphabet.encode(["hello"]), model.zero_state(1)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            await runner.submit(encoded, h0, None)
+            best = min(best, time.perf_counter() - started)
+        await runner.close()
+        return best
+
+    return asyncio.run(scenario())
+
+
+def test_a_lone_request_does_not_wait_for_max_delay(runtimes: dict[str, ModelRuntime]) -> None:
+    model = runtimes["rnn"]
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        batched = _lone_latency(Batcher(model, executor, BatchSettings(max_delay_s=0.2)), model)
+        direct = _lone_latency(DirectRunner(model, executor), model)
+    assert batched < 0.02, f"a lone request took {batched * 1000:.1f} ms with max_delay 200 ms"
+    assert batched < direct + 0.005, (batched, direct)  # no measurable cost over running it directly
+
+
+def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: dict[str, ModelRuntime]) -> None:
+    model = runtimes["rnn"]
+    recorder = Recorder()
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = Batcher(model, executor, BatchSettings(max_batch_words=100, max_delay_s=0.3), recorder)
+
+    async def submit(words: list[str], after: float) -> None:
+        await asyncio.sleep(after)
+        await batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None)
+
+    async def scenario() -> None:
+        batcher.start()
+        # Two callers arrive together (concurrency is evident), a third 50 ms later: all ride one run.
+        await asyncio.gather(submit(["he"], 0), submit(["lo"], 0), submit(["hole", "o"], 0.05))
+        await batcher.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        executor.shutdown()
+    assert recorder.runs == [("rnn", 4)]
+
+
+class ThreadRecordingRuntime(ModelRuntime):
+    """The real runtime, noting the thread each run happens on."""
+
+    threads: list[int]
+
+    def run(
+        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
+    ) -> BatchOutputs:
+        self.threads.append(threading.get_ident())
+        return super().run(encoded, h0, c0)
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batcher", "direct"])
+def test_onnxruntime_runs_off_the_event_loop(runtimes: dict[str, ModelRuntime], batching: bool) -> None:
+    model = ThreadRecordingRuntime(runtimes["lstm"].folder, "cpu")
+    model.threads = []
+    executor = ThreadPoolExecutor(max_workers=1)
+    runner: Batcher | DirectRunner = (
+        Batcher(model, executor, BatchSettings(max_batch_words=100)) if batching else DirectRunner(model, executor)
+    )
+
+    async def scenario() -> int:
+        runner.start()
+        for words in (["hello"], ["hello"], ["he", "lo"]):
+            h0 = model.zero_state(len(words))
+            outputs, _ = await runner.submit(model.alphabet.encode(words), h0, np.zeros_like(h0))
+            direct = model.run(model.alphabet.encode(words), h0, np.zeros_like(h0))
+            model.threads.pop()  # that direct run was ours, on this thread
+            np.testing.assert_array_equal(outputs.outputs, direct.outputs)
+        await runner.close()
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(scenario())
+    finally:
+        executor.shutdown()
+    assert len(model.threads) == 3
+    assert loop_thread not in model.threads, "an onnxruntime run happened on the event loop's thread"
+
+
+# ---- the hand-serialised response ----------------------------------------------------------------------------------
+
+
+def field_by_field(result: EncodeResult) -> pb.EncodeResponse:
+    """The response as protobuf's own API builds it (what the service did before serialising by hand)."""
+    manifest = result.model.manifest
+    response = pb.EncodeResponse(model=manifest.name, hidden_size=manifest.hidden_size, num_layers=manifest.num_layers)
+    for item in result.words:
+        if isinstance(item, WordEncoding):
+            response.results.add(
+                word=item.word,
+                length=len(item.outputs),
+                outputs=item.outputs.ravel().tolist(),
+                hidden=item.hidden.ravel().tolist(),
+                cell=item.cell.ravel().tolist() if item.cell is not None else (),
+            )
+        else:
+            assert isinstance(item, InvalidWordError)
+            response.results.add(word=item.word, length=len(item.word), error=str(item))
+    return response
+
+
+def request_shapes(rng: random.Random, letters: str) -> Iterator[list[str]]:
+    """Requests that take every path of the serialiser: the per-word loop (few words, bad words reported,
+    non-ASCII characters), and the vectorised build (one length group, several)."""
+    for _ in range(15):  # mixed, with bad words: the loop
+        yield [
+            "".join(rng.choice(letters + "xé😀") for _ in range(rng.choice([0, 1, 3, 25, rng.randint(1, 20)])))
+            for _ in range(rng.randint(1, 30))
+        ]
+    for count in (20, 64, 300):  # all one length: one block
+        length = rng.randint(1, 20)
+        yield ["".join(rng.choice(letters) for _ in range(length)) for _ in range(count)]
+    for count in (60, 400):  # a few lengths: blocks joined in request order
+        yield ["".join(rng.choice(letters) for _ in range(rng.choice([2, 7, 19]))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_hand_serialised_response_equals_the_field_by_field_message(
+    runtimes: dict[str, ModelRuntime], model: str
+) -> None:
+    rng = random.Random(7)
+    letters = runtimes[model].manifest.alphabet
+    queue_seconds = Metrics().queue_seconds.labels(model)
+
+    async def scenario() -> None:
+        engine = Engine(runtimes, Limits(max_word_length=20), BatchSettings())
+        engine.start()
+        for words in request_shapes(rng, letters):
+            batch = await engine.encode_batch(model, words, report_invalid=True)
+            response = _response(batch, time.perf_counter(), queue_seconds)
+            assert response.timing.total_ms > 0
+            response.ClearField("timing")
+            expected = field_by_field(await engine.encode(model, words, report_invalid=True))
+            assert response == expected
+            assert response.SerializeToString() == expected.SerializeToString()
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+# ---- over a real server --------------------------------------------------------------------------------------------
+
+
+def test_a_burst_against_a_small_queue_gets_some_resource_exhausted_and_the_rest_exact(
+    model_repository: Path, tmp_path: Path, modules: dict[str, nn.RNNBase], runtimes: dict[str, ModelRuntime]
+) -> None:
+    server = start_server(model_repository, tmp_path, "--max-queue-words", "8", "--max-batch-words", "8")
+    rng = random.Random(3)
+    runtime, module = runtimes[LARGE_MODEL], modules[LARGE_MODEL]
+    requests = [
+        ["".join(rng.choice(LARGE_ALPHABET) for _ in range(rng.randint(20, 40))) for _ in range(4)]
+        for _ in range(120)
+    ]
+
+    async def burst() -> list[list[object] | BaseException]:
+        async with AsyncCharRnnClient(server.target, timeout=60) as client:
+            return await asyncio.gather(
+                *(client.encode(LARGE_MODEL, words) for words in requests), return_exceptions=True
+            )
+
+    try:
+        outcomes = asyncio.run(burst())
+    finally:
+        assert server.stop() == 0, server.log()
+    rejected = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert rejected, "a burst of 120 requests never filled a queue of 8 words"
+    assert all(isinstance(error, ResourceExhaustedError) and "is overloaded" in error.details for error in rejected)
+    answered = [(words, outcome) for words, outcome in zip(requests, outcomes, strict=True) if isinstance(outcome, list)]
+    assert answered, "every request was rejected"
+    for words, encodings in answered:
+        for word, encoding in zip(words, encodings, strict=True):
+            expected = eager(module, runtime, word, None)
+            got = WordEncoding(encoding.word, encoding.outputs, encoding.hidden, encoding.cell)  # type: ignore[attr-defined]
+            assert max_error(got, expected) <= PARITY_TOLERANCE

@@ -1,0 +1,140 @@
+"""charrnn-loadgen against a real server (and the echo server): the report's fields, and its request counts
+against the server's own charrnn_requests_total."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients.loadgen import LoadConfig, run_load
+from conftest import ServerProcess, console_script, start_server
+
+LATENCY_FIELDS = ("p50", "p90", "p99", "mean", "max")
+FIELDS = (
+    "mode", "target", "model", "concurrency", "words_per_request", "word_length", "processes", "duration_s",
+    "requests", "words", "issued", "warmup_requests", "errors", "requests_per_s", "words_per_s", "latency_ms",
+    "response_bytes",
+)
+
+
+@pytest.fixture(scope="module")
+def own_server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of this module's own, so that its request counters hold only this module's traffic."""
+    running = start_server(model_repository, tmp_path_factory.mktemp("loadgen"))
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+def requests_total(server: ServerProcess, method: str) -> float:
+    """charrnn_requests_total summed over models and codes, for one method."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "charrnn_requests"
+        for sample in family.samples
+        if sample.name == "charrnn_requests_total" and sample.labels["method"] == method
+    )
+
+
+def loadgen(*args: str) -> dict[str, object]:
+    completed = subprocess.run(
+        [console_script("charrnn-loadgen"), *args, "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    report: dict[str, object] = json.loads(completed.stdout)
+    return report
+
+
+def check_report(report: dict[str, object], words_per_request: int) -> None:
+    assert set(FIELDS) <= set(report)
+    assert report["errors"] == {}
+    requests = report["requests"]
+    assert isinstance(requests, int) and requests > 0
+    assert report["words"] == requests * words_per_request
+    assert report["requests_per_s"] > 0  # type: ignore[operator]
+    assert report["words_per_s"] == pytest.approx(report["requests_per_s"] * words_per_request)  # type: ignore[operator]
+    latency = report["latency_ms"]
+    assert isinstance(latency, dict) and set(LATENCY_FIELDS) <= set(latency)
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+
+
+def test_unary_for_a_second_reports_throughput_latency_and_matching_counts(own_server: ServerProcess) -> None:
+    before = requests_total(own_server, "Encode")
+    report = loadgen(
+        "--target", own_server.target, "--model", "lstm", "--concurrency", "4", "--words-per-request", "3",
+        "--duration", "1", "--warmup", "0.2",
+    )
+    check_report(report, 3)
+    assert report["mode"] == "unary" and report["concurrency"] == 4 and report["processes"] == 1
+    assert 0.9 <= report["duration_s"] <= 1.5  # type: ignore[operator]
+    assert report["response_bytes"] > 0  # type: ignore[operator]
+    # Every RPC the load generator sent (warm-up and the tail after the window included) reached the server.
+    assert requests_total(own_server, "Encode") - before == report["issued"]
+    assert report["issued"] >= report["requests"] + report["warmup_requests"]  # type: ignore[operator]
+
+
+def test_stream_over_two_processes_sends_exactly_the_requested_count(own_server: ServerProcess) -> None:
+    before = requests_total(own_server, "EncodeStream")
+    report = loadgen(
+        "--target", own_server.target, "--model", "rnn", "--concurrency", "4", "--words-per-request", "2",
+        "--requests", "200", "--warmup", "0", "--stream", "--processes", "2",
+    )
+    check_report(report, 2)
+    assert report["mode"] == "stream" and report["processes"] == 2
+    assert report["requests"] == report["issued"] == 200 and report["warmup_requests"] == 0
+    assert requests_total(own_server, "EncodeStream") - before == 200  # one count per stream message
+
+
+def test_overload_is_counted_as_errors(model_repository: Path, tmp_path: Path) -> None:
+    server = start_server(model_repository, tmp_path, "--max-words", "2")
+    try:
+        report = run_load(
+            LoadConfig(server.target, "lstm", concurrency=2, words_per_request=3, requests=10, warmup_s=0)
+        )
+    finally:
+        assert server.stop() == 0, server.log()
+    assert report.requests == 0 and report.errors == {"RESOURCE_EXHAUSTED": 10}
+
+
+def test_unknown_model_is_a_clear_error(own_server: ServerProcess) -> None:
+    completed = subprocess.run(
+        [console_script("charrnn-loadgen"), "--target", own_server.target, "--model", "nope", "--duration", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 1
+    assert "NOT_FOUND: model 'nope' is not loaded" in completed.stderr
+
+
+def test_echo_server_answers_with_the_payload_size_asked_for(tmp_path: Path) -> None:
+    port_file = tmp_path / "echo.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clients.loadgen", "--serve-echo", "--port-file", str(port_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, "the echo server did not start"
+            time.sleep(0.05)
+        target = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+        for stream in (False, True):
+            report = run_load(
+                LoadConfig(target, "lstm", concurrency=3, words_per_request=5, requests=60, warmup_s=0,
+                           stream=stream, echo=True, echo_response_bytes=1234)
+            )
+            assert report.mode == ("echo-stream" if stream else "echo")
+            assert report.requests == 60 and report.errors == {} and report.response_bytes == 1234
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
