@@ -628,8 +628,9 @@ NOTES = """## How to read this
   request on an idle server never waits, so the concurrency-1 rows pay nothing for it.
 - Unary load is bounded by gRPC's asyncio server, which admits calls one at a time on its event loop; the
   echo service has the same bound. On a small model most one-word requests therefore arrive alone and
-  the batcher runs them at once on the loop (no executor hand-off); batches form when a run is slower
-  than the gap between arrivals (the large model), in bursts, and on streams.
+  run alone; every run is handed to the executor (onnxruntime never runs on the event loop), a thread
+  hand-off each way that the echo service does not pay; batches form when a run is slower than the gap
+  between arrivals (the large model), in bursts, and on streams.
 - Where the server's time goes was measured while developing (py-spy and cProfile on the server under
   this load; CPU, 2 cores), not in this run: for one-word requests about half of the event loop's time
   is gRPC's own per-call work inside its Cython layer (the echo service pays it too) and about a quarter
