@@ -28,6 +28,15 @@ assert len(LARGE_ALPHABET) == 57 and len(set(LARGE_ALPHABET)) == 57
 LARGE_MODEL = "large_lstm"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_threaded_torch() -> Iterator[None]:
+    """Eager runs of these tiny modules are several times faster on one thread, and servers share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def large_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state_dict of LSTM(57, 64, num_layers=2) saved the way users save theirs."""

@@ -22,7 +22,6 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
-import torch
 from torch import nn
 
 from clients.client import AsyncCharRnnClient, ResourceExhaustedError
@@ -39,15 +38,6 @@ from server.runtime import BatchOutputs, ModelRuntime, load_repository
 from server.service import _response
 
 MODELS = ("rnn", "rnn_multi_layers", "lstm", LARGE_MODEL)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch() -> Iterator[None]:
-    """Eager runs of tiny modules are faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

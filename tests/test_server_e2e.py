@@ -19,7 +19,6 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
-import torch
 from torch import nn
 
 from clients.client import AsyncCharRnnClient, CharRnnClient, Encoding, State, build_request
@@ -48,15 +47,6 @@ class Reference:
 
     def state_shape(self) -> tuple[int, int]:
         return self.module.num_layers, self.module.hidden_size
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch() -> Iterator[None]:
-    """Eager runs of tiny modules are several times faster on one thread; the server shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
