@@ -1,19 +1,21 @@
 """Dynamic batching: concurrent requests for one model are merged into one onnxruntime run and split back.
 
-The worker never waits for company that is not coming: it takes whatever is queued the moment a run
-slot is free (so an idle server runs a lone request at once). With max_delay > 0 it waits up to max_delay
-for more, but only while the batch is not full and concurrency is evident: the batch already holds several
-callers, or one of them arrived while the batcher was busy (gathering or running other batches). A lone
-request on an idle server is never delayed, whatever max_delay says.
+Event-driven, with no worker task: a batch is dispatched to the executor the moment a run slot is free,
+from submit() (an idle server runs a lone request at once, with no extra event-loop hop), from a run's
+completion (the slot is handed to the queue before the finished batch's results are split) or from the
+max-delay timer. With max_delay > 0 the queue head waits up to max_delay for more, but only while the
+batch is not full and concurrency is evident: several callers are queued, or the head arrived while the
+model was busy (runs in flight or others queued). A lone request on an idle server is never delayed,
+whatever max_delay says.
 
-Run slots: up to max_concurrent_runs batches may be running on the executor at the same time (the engine
-passes its executor's thread count), so that on a CPU a second batch uses the second core while the first
-one runs; requests that arrive while every slot is taken queue, and merge. A long queue is shared out
-between the slots (batches of at least SPLIT_MIN_WORDS words) rather than taken whole by the first free
-one, which would leave the other cores idle while it runs.
+Run slots: up to max_concurrent_runs batches may run on the executor at once (the engine passes its
+executor's thread count), so that on a CPU a second batch uses the second core while the first one runs;
+requests that arrive while every slot is taken queue, and merge. A long queue is shared out between the
+slots (batches of at least SPLIT_MIN_WORDS words) rather than taken whole by the first free one, which
+would leave the other cores idle while it runs.
 
-Every onnxruntime run happens on the executor, never on the event loop, so the loop keeps accepting and
-answering requests while a batch runs.
+Every onnxruntime run happens on the executor, never on the event loop; the executor thread posts the
+outcome back with call_soon_threadsafe (one cross-thread hop each way, the least a hand-off can cost).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -43,7 +45,7 @@ class BatchSettings:
     max_batch_words: int = 1024
     """Largest merged batch, in words (a larger single request still runs, alone)."""
     max_delay_s: float = 0.0
-    """How long a non-full batch of several callers may wait for more requests; 0 never waits."""
+    """How long a non-full batch may wait for more requests once concurrency is evident; 0 never waits."""
     max_queue_words: int = 65536
     """Words allowed to wait; beyond that requests get RESOURCE_EXHAUSTED."""
 
@@ -63,9 +65,9 @@ class _Pending:
     h0: npt.NDArray[np.float32]
     c0: npt.NDArray[np.float32] | None
     future: asyncio.Future[tuple[BatchOutputs, RunStats]]
-    enqueued: float = field(default_factory=time.perf_counter)
-    behind: bool = False
-    """Arrived while the worker was busy with another batch (evidence of concurrent traffic)."""
+    enqueued: float
+    behind: bool
+    """Arrived while the model was busy (runs in flight or others queued): evidence of concurrent traffic."""
 
     @property
     def words(self) -> int:
@@ -74,6 +76,21 @@ class _Pending:
 
 RunObserver = Callable[[str, int, float], None]
 """Called after each run with (model name, words in the batch, seconds in onnxruntime)."""
+
+_Merged = tuple[EncodedWords, npt.NDArray[np.float32], npt.NDArray[np.float32] | None]
+_Outcome = Callable[[BatchOutputs | None, BaseException | None, float], None]
+"""Receives a run's outputs (or its error) and its seconds in onnxruntime, on the event loop."""
+
+
+def _run_and_post(loop: asyncio.AbstractEventLoop, model: ModelRuntime, merged: _Merged, outcome: _Outcome) -> None:
+    """On an executor thread: run the batch, then hand the outcome back to the event loop."""
+    started = time.perf_counter()
+    try:
+        outputs = model.run(*merged)
+    except Exception as error:  # noqa: BLE001 - delivered to the callers of this batch
+        loop.call_soon_threadsafe(outcome, None, error, time.perf_counter() - started)
+    else:
+        loop.call_soon_threadsafe(outcome, outputs, None, time.perf_counter() - started)
 
 
 class Batcher:
@@ -94,22 +111,25 @@ class Batcher:
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_words = 0
-        self._gathering = False  # the worker holds a batch, waiting for company
-        self._runs: set[asyncio.Task[None]] = set()  # batches running on the executor
-        self._wakeup = asyncio.Event()
+        self._running = 0  # batches on the executor
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self._worker: asyncio.Task[None] | None = None
+        self._drained: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        """Start the worker task on the running event loop."""
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.model.name}")
+        """Bind to the running event loop (call from the serving loop before submit)."""
+        self._loop = asyncio.get_running_loop()
+        self._drained = asyncio.Event()
 
     async def close(self) -> None:
-        """Refuse new work, finish what is queued, stop the worker."""
+        """Refuse new work, run what is queued without waiting for company, return once every run is done."""
         self._closed = True
-        self._wakeup.set()
-        if self._worker is not None:
-            await self._worker
+        if self._loop is None or self._drained is None:
+            return
+        self._dispatch()
+        if self._running or self._queue:
+            await self._drained.wait()
 
     @property
     def queued_words(self) -> int:
@@ -122,98 +142,103 @@ class Batcher:
         """Run these words (in some batch) and return the batch outputs restricted to them."""
         if self._closed:
             raise ShuttingDownError("the server is shutting down")
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("Batcher.start() was not called")
         words = len(encoded.lengths)
         if self._queued_words and self._queued_words + words > self.settings.max_queue_words:
             raise OverloadedError(
                 f"model {self.model.name!r} is overloaded: {self._queued_words} words queued "
                 f"(limit {self.settings.max_queue_words}); retry later"
             )
-        busy = self._gathering or bool(self._runs)
-        future: asyncio.Future[tuple[BatchOutputs, RunStats]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(encoded, h0, c0, future, behind=busy))
+        future: asyncio.Future[tuple[BatchOutputs, RunStats]] = loop.create_future()
+        busy = self._running > 0 or bool(self._queue)
+        self._queue.append(_Pending(encoded, h0, c0, future, loop.time(), busy))
         self._queued_words += words
-        self._wakeup.set()
+        self._dispatch()
         return await future
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue or len(self._runs) >= self.max_concurrent_runs:
-                if self._closed and not self._queue:
-                    break
-                self._wakeup.clear()  # set by submit(), close() and every finished run
-                await self._wakeup.wait()
-                continue
-            self._gathering = True
-            try:
-                batch = await self._take_batch()
-            finally:
-                self._gathering = False
-            if not batch:
-                continue
-            try:
-                merged = _merge(batch)
-            except Exception as error:
-                _fail(batch, error)
-                continue
-            run = loop.create_task(self._run_on_executor(batch, merged))
-            self._runs.add(run)
-            run.add_done_callback(self._run_done)
-        if self._runs:
-            await asyncio.gather(*self._runs, return_exceptions=True)
+    def _dispatch(self) -> None:
+        """Start batches while a run slot is free and the queue should not wait for company."""
+        assert self._loop is not None
+        while self._running < self.max_concurrent_runs:
+            while self._queue and self._queue[0].future.cancelled():  # the caller gave up: skip its words
+                self._pop()
+            if not self._queue:
+                break
+            wait_until = self._wait_until()
+            if wait_until is not None:
+                if self._timer is None:
+                    self._timer = self._loop.call_at(wait_until, self._on_timer)
+                break
+            self._start(self._take_batch())
+        self._check_drained()
 
-    def _run_done(self, run: asyncio.Task[None]) -> None:
-        self._runs.discard(run)
-        self._wakeup.set()
+    def _wait_until(self) -> float | None:
+        """When the queue head should stop waiting for company, or None to run now (see the module doc)."""
+        delay = self.settings.max_delay_s
+        if delay <= 0 or self._closed or self._queued_words >= self._batch_limit():
+            return None
+        head = self._queue[0]
+        if len(self._queue) < 2 and not head.behind:
+            return None  # no evidence that anyone else is coming
+        deadline = head.enqueued + delay
+        return deadline if deadline > self._loop.time() else None  # type: ignore[union-attr]
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _batch_limit(self) -> int:
+        limit = self.settings.max_batch_words
+        if self.max_concurrent_runs > 1:  # share a long queue out between the slots (cores), not one giant batch
+            share = -(-self._queued_words // self.max_concurrent_runs)
+            limit = min(limit, max(share, SPLIT_MIN_WORDS))
+        return limit
 
     def _pop(self) -> _Pending:
         item = self._queue.popleft()
         self._queued_words -= item.words
         return item
 
-    async def _take_batch(self) -> list[_Pending]:
-        limit = self.settings.max_batch_words
-        if self.max_concurrent_runs > 1:  # share a long queue out between the slots (cores), not one giant batch
-            share = -(-self._queued_words // self.max_concurrent_runs)
-            limit = min(limit, max(share, SPLIT_MIN_WORDS))
-        batch: list[_Pending] = []
-        words = 0
-        deadline = time.perf_counter() + self.settings.max_delay_s
-        while True:
-            while self._queue:
-                if self._queue[0].future.cancelled():  # the caller gave up (deadline, cancellation): skip its words
-                    self._pop()
-                    continue
-                if batch and words + self._queue[0].words > limit:
-                    break
-                item = self._pop()
-                batch.append(item)
-                words += item.words
-            remaining = deadline - time.perf_counter()
-            # Wait for company only when it is evidently coming (see the module doc).
-            evident = len(batch) >= 2 or any(item.behind for item in batch)
-            if not evident or words >= limit or remaining <= 0 or self._queue or self._closed:
-                return batch
-            self._wakeup.clear()
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the event.
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
+    def _take_batch(self) -> list[_Pending]:
+        limit = self._batch_limit()
+        batch = [self._pop()]
+        words = batch[0].words
+        while self._queue:
+            head = self._queue[0]
+            if head.future.cancelled():
+                self._pop()
+                continue
+            if words + head.words > limit:
+                break
+            batch.append(self._pop())
+            words += head.words
+        return batch
 
-    async def _run_on_executor(self, batch: list[_Pending], merged: _Merged) -> None:
-        started = time.perf_counter()
+    def _start(self, batch: list[_Pending]) -> None:
+        assert self._loop is not None
+        dispatched = self._loop.time()
         try:
-            outputs, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed_run, self.model, *merged
+            merged = _merge(batch)
+            self._executor.submit(
+                _run_and_post, self._loop, self.model, merged,
+                lambda outputs, error, seconds: self._finished(batch, dispatched, outputs, error, seconds),
             )
-        except Exception as error:  # every caller of this batch, and no other, gets the failure
+        except Exception as error:  # noqa: BLE001 - merging or submitting failed: this batch's callers get it
             _fail(batch, error)
             return
-        self._split(batch, started, outputs, seconds)
+        self._running += 1
 
-    def _split(self, batch: list[_Pending], started: float, outputs: BatchOutputs, seconds: float) -> None:
+    def _finished(
+        self, batch: list[_Pending], dispatched: float, outputs: BatchOutputs | None,
+        error: BaseException | None, seconds: float,
+    ) -> None:
+        self._running -= 1
+        self._dispatch()  # the free slot goes to the queue before this batch's results are split
+        if outputs is None:  # every caller of this batch, and no other, gets the failure
+            _fail(batch, error if error is not None else RuntimeError("run produced no outputs"))
+            return
         total_words = sum(item.words for item in batch)
         if self._observer is not None:
             self._observer(self.model.name, total_words, seconds)
@@ -222,25 +247,21 @@ class Batcher:
             stop = start + item.words
             if not item.future.done():
                 part = _slice(outputs, start, stop, int(item.encoded.lengths.max()))
-                item.future.set_result((part, RunStats(started - item.enqueued, seconds, total_words)))
+                item.future.set_result((part, RunStats(dispatched - item.enqueued, seconds, total_words)))
             start = stop
 
-
-_Merged = tuple[EncodedWords, npt.NDArray[np.float32], npt.NDArray[np.float32] | None]
+    def _check_drained(self) -> None:
+        if self._closed and not self._running and not self._queue and self._drained is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._drained.set()
 
 
 def _fail(batch: list[_Pending], error: BaseException) -> None:
     for item in batch:
         if not item.future.done():
             item.future.set_exception(error)
-
-
-def _timed_run(
-    model: ModelRuntime, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
-) -> tuple[BatchOutputs, float]:
-    started = time.perf_counter()
-    outputs = model.run(encoded, h0, c0)
-    return outputs, time.perf_counter() - started
 
 
 def _merge(batch: list[_Pending]) -> _Merged:
@@ -272,12 +293,14 @@ class DirectRunner:
         self._executor = executor
         self._observer = observer
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        """Nothing to start; present so both runners are used alike."""
+        """Bind to the running event loop (call from the serving loop before submit)."""
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        """Refuse new work."""
+        """Refuse new work (runs already started finish and answer their callers)."""
         self._closed = True
 
     async def submit(
@@ -286,12 +309,23 @@ class DirectRunner:
         """Run these words alone."""
         if self._closed:
             raise ShuttingDownError("the server is shutting down")
-        queued = time.perf_counter()
-        outputs, seconds = await asyncio.get_running_loop().run_in_executor(
-            self._executor, _timed_run, self.model, encoded, h0, c0
-        )
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("DirectRunner.start() was not called")
+        future: asyncio.Future[tuple[BatchOutputs, RunStats]] = loop.create_future()
+        queued = loop.time()
         words = len(encoded.lengths)
-        if self._observer is not None:
-            self._observer(self.model.name, words, seconds)
-        waited = max(0.0, time.perf_counter() - queued - seconds)
-        return outputs, RunStats(waited, seconds, words)
+
+        def finished(outputs: BatchOutputs | None, error: BaseException | None, seconds: float) -> None:
+            if self._observer is not None and outputs is not None:
+                self._observer(self.model.name, words, seconds)
+            if future.done():
+                return
+            if outputs is None:
+                future.set_exception(error if error is not None else RuntimeError("run produced no outputs"))
+            else:
+                waited = max(0.0, loop.time() - queued - seconds)
+                future.set_result((outputs, RunStats(waited, seconds, words)))
+
+        self._executor.submit(_run_and_post, loop, self.model, (encoded, h0, c0), finished)
+        return await future

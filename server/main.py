@@ -14,17 +14,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from export.manifest import ManifestError
-from proto.charrnn.v1 import charrnn_pb2, charrnn_pb2_grpc
 from server.batcher import BatchSettings
 from server.config import ServerConfig, parse_config
 from server.engine import Engine, Limits
 from server.metrics import Metrics
 from server.runtime import DeviceUnavailableError, load_repository
-from server.service import CharRnnService
+from server.service import SERVICE_NAME, CharRnnService, add_to_server
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = charrnn_pb2.DESCRIPTOR.services_by_name["CharRnn"].full_name
 OVERALL = ""  # the health service's name for the server as a whole
 
 
@@ -63,7 +61,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     )
     metrics = Metrics()
     service = CharRnnService(metrics)
-    charrnn_pb2_grpc.add_CharRnnServicer_to_server(service, server)
+    add_to_server(service, server)
     try:
         port = server.add_insecure_port(f"{_host(config.address)}:{config.port}")
     except RuntimeError as error:  # grpcio raises instead of returning 0 when the port is taken

@@ -3,9 +3,10 @@
 Responses are the hot path: a 1024-word response holds thousands of floats, and building it field by
 field (a WordResult per word, each float converted to a Python object and back) cost more than the model
 run. _response() instead writes the EncodeResponse wire format in one pass: per word a few header bytes
-and memoryview slices of the batch arrays, joined once and handed to protobuf's C parser
-(EncodeResponse.FromString), which copies the packed floats without touching them one by one. The message
-is identical to one built field by field (tests/test_batcher.py checks this).
+and memoryview slices of the batch arrays, joined once. Those bytes are what gRPC sends: Encode and
+EncodeStream are registered (add_to_server) with a response serialiser that passes bytes through, so the
+response is never parsed into a message and serialised again. The bytes parse to exactly the message built
+field by field (tests/test_batcher.py checks this).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,6 +31,8 @@ from server.metrics import Metrics
 from server.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRnn"].full_name
 
 STREAM_PIPELINE_DEPTH = 4
 """Stream messages a stream may have in flight at once; beyond that the server stops reading (flow control)."""
@@ -63,17 +67,17 @@ class CharRnnService(pb_grpc.CharRnnServicer):
             raise ModelsLoadingError("the server is still loading its models; retry shortly")
         return self._engine
 
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        """Unary encode; bad words fail the request unless the request asks for REPORT."""
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """Unary encode; bad words fail the request unless the request asks for REPORT. Returns the wire bytes."""
         return await self._observed(
             "Encode", request.model, context, lambda: self._encode(request, default_report=False)
         )
 
     async def EncodeStream(
         self, request_iterator: AsyncIterator[pb.EncodeRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EncodeResponse]:
+    ) -> AsyncIterator[bytes]:
         """One response per request message, in order, with up to STREAM_PIPELINE_DEPTH messages in flight."""
-        pending: asyncio.Queue[asyncio.Task[pb.EncodeResponse] | None] = asyncio.Queue(STREAM_PIPELINE_DEPTH)
+        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_PIPELINE_DEPTH)
 
         async def read() -> None:
             try:
@@ -102,7 +106,7 @@ class CharRnnService(pb_grpc.CharRnnServicer):
                 if leftover is not None:
                     leftover.cancel()
 
-    async def _stream_message(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
+    async def _stream_message(self, request: pb.EncodeRequest) -> bytes:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -180,7 +184,7 @@ class CharRnnService(pb_grpc.CharRnnServicer):
             )
         return children
 
-    async def _encode(self, request: pb.EncodeRequest, default_report: bool) -> pb.EncodeResponse:
+    async def _encode(self, request: pb.EncodeRequest, default_report: bool) -> bytes:
         started = time.perf_counter()
         if request.invalid_words == pb.INVALID_WORD_POLICY_UNSPECIFIED:
             report = default_report
@@ -206,6 +210,35 @@ class CharRnnService(pb_grpc.CharRnnServicer):
             execution_provider=model.provider,
             max_word_length=self.engine.limits.max_word_length,
         )
+
+
+def add_to_server(service: CharRnnService, server: grpc.aio.Server) -> None:
+    """Register the service like the generated add_CharRnnServicer_to_server, except that Encode and
+    EncodeStream responses are the wire bytes _response() wrote (see module doc)."""
+    handlers = {
+        "Encode": grpc.unary_unary_rpc_method_handler(
+            service.Encode, request_deserializer=pb.EncodeRequest.FromString, response_serializer=_wire_bytes
+        ),
+        "EncodeStream": grpc.stream_stream_rpc_method_handler(
+            service.EncodeStream, request_deserializer=pb.EncodeRequest.FromString, response_serializer=_wire_bytes
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels,
+            request_deserializer=pb.ListModelsRequest.FromString,
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+        "GetModel": grpc.unary_unary_rpc_method_handler(
+            service.GetModel,
+            request_deserializer=pb.GetModelRequest.FromString,
+            response_serializer=pb.ModelMetadata.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _wire_bytes(response: bytes) -> bytes:
+    return response
 
 
 def _as_async(function: Callable[[], Response]) -> Callable[[], Awaitable[Response]]:
@@ -276,26 +309,30 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
-def _response(result: BatchResult, started: float, queue_seconds: Any) -> pb.EncodeResponse:
-    """The EncodeResponse for a request, serialised by hand in one pass and parsed once (see module doc)."""
+def _response(result: BatchResult, started: float, queue_seconds: Any) -> bytes:
+    """The EncodeResponse for a request, serialised by hand in one pass (see module doc)."""
     manifest = result.model.manifest
     header = (
         _string_field(_MODEL, manifest.name)
         + (_HIDDEN_SIZE + _varint(manifest.hidden_size) if manifest.hidden_size else b"")
         + (_NUM_LAYERS + _varint(manifest.num_layers) if manifest.num_layers else b"")
     )
+    queue_ms = inference_ms = 0.0
+    if result.stats is not None:
+        queue_seconds.observe(result.stats.queue_s)
+        queue_ms, inference_ms = result.stats.queue_s * 1000.0, result.stats.inference_s * 1000.0
     data = _serialise_vectorised(result, header)
     if data is None:
         parts: list[bytes | memoryview] = [header]
         _append_results(result, parts)
         data = b"".join(parts)
-    response = pb.EncodeResponse.FromString(data)
-    if result.stats is not None:
-        queue_seconds.observe(result.stats.queue_s)
-        response.timing.queue_ms = result.stats.queue_s * 1000.0
-        response.timing.inference_ms = result.stats.inference_s * 1000.0
-    response.timing.total_ms = (time.perf_counter() - started) * 1000.0
-    return response
+    total_ms = (time.perf_counter() - started) * 1000.0
+    return bytes(data) + _TIMING.pack(_TIMING_HEAD, queue_ms, _INFERENCE, inference_ms, _TOTAL, total_ms)
+
+
+# Timing (field 5 of EncodeResponse): three doubles, written even when zero (parsers accept that).
+_TIMING = struct.Struct("<3sdBdBd")
+_TIMING_HEAD, _INFERENCE, _TOTAL = b"\x2a\x1b\x09", 0x11, 0x19
 
 
 VECTORISE_WORDS_PER_GROUP = 20

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -150,13 +151,16 @@ def test_concurrent_requests_are_merged_into_one_run(runtimes: dict[str, ModelRu
     engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=1024), observer=recorder)
     requests = [Request("lstm", ["hello", "he"], []) for _ in range(20)]
     asyncio.run(encode_all(engine, requests))
-    assert recorder.runs == [("lstm", 40)]  # all were queued before the worker woke: one run
+    # The first two find the engine's two run slots free and start at once (a lone request never waits);
+    # the other 18 queue behind them and ride one run together.
+    assert sorted(words for _, words in recorder.runs) == [2, 2, 36]
 
 
 def test_results_report_the_batch_they_rode_in(runtimes: dict[str, ModelRuntime]) -> None:
     engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=6))
     results = asyncio.run(encode_all(engine, [Request("rnn", ["hel", "lo"], []) for _ in range(6)]))
-    assert [result.stats.batch_words for result in results if result.stats] == [6] * 6
+    # Two start alone in the two free run slots; the four queued behind them fill a 6-word batch, then 2.
+    assert [result.stats.batch_words for result in results if result.stats] == [2, 2, 6, 6, 6, 2]
 
 
 # ---- failures stay inside their batch ------------------------------------------------------------------------------
@@ -180,14 +184,17 @@ def test_a_failure_reaches_every_caller_of_its_batch_and_no_other(runtimes: dict
     recorder = Recorder()
     engine = Engine({"lstm": model}, Limits(), BatchSettings(max_batch_words=4), observer=recorder)
     poison = "h" * POISON_LENGTH
-    # Queued together, in order, before the worker wakes: batches [A, B], [C, D], [E, F] of 4 words each.
+    # Submitted together, in order: A and B find the two run slots free and start alone at once; the rest
+    # queue behind them and are taken in order, 4 words at a time: [C, D], [E, F], [G, H].
     requests = [
         Request("lstm", ["he", "ll"], []),  # A
-        Request("lstm", ["lo", poison], []),  # B: poisons A and B
-        Request("lstm", ["ol", "eh"], []),  # C
-        Request("lstm", ["hole", "o"], []),  # D
-        Request("lstm", [poison, "e"], []),  # E: poisons E and F
+        Request("lstm", ["lo", "eh"], []),  # B
+        Request("lstm", ["lo", poison], []),  # C: poisons C and D
+        Request("lstm", ["ol", "eh"], []),  # D
+        Request("lstm", ["hole", "o"], []),  # E
         Request("lstm", ["e", "l"], []),  # F
+        Request("lstm", [poison, "e"], []),  # G: poisons G and H
+        Request("lstm", ["e", "l"], []),  # H
     ]
 
     async def run_all() -> list[EncodeResult | BaseException]:
@@ -201,10 +208,10 @@ def test_a_failure_reaches_every_caller_of_its_batch_and_no_other(runtimes: dict
 
     outcomes = asyncio.run(run_all())
     failed = [isinstance(outcome, RuntimeError) and str(outcome) == "poisoned batch" for outcome in outcomes]
-    assert failed == [True, True, False, False, True, True]
-    assert recorder.runs == [("lstm", 4)]  # only the healthy batch completed
-    healthy = outcomes[2]
-    assert isinstance(healthy, EncodeResult) and [w.word for w in healthy.words] == ["ol", "eh"]  # type: ignore[union-attr]
+    assert failed == [False, False, True, True, False, False, True, True]
+    assert sorted(words for _, words in recorder.runs) == [2, 2, 4]  # only the healthy batches completed
+    healthy = outcomes[4]
+    assert isinstance(healthy, EncodeResult) and [w.word for w in healthy.words] == ["hole", "o"]  # type: ignore[union-attr]
 
 
 class GatedRuntime(ModelRuntime):
@@ -334,17 +341,18 @@ def test_batches_run_side_by_side_up_to_the_limit_then_merge(runtimes: dict[str,
 # ---- latency: a lone request is never held back ---------------------------------------------------------------
 
 
-def _lone_latency(runner: Batcher | DirectRunner, model: ModelRuntime, repeats: int = 20) -> float:
-    async def scenario() -> float:
+def _lone_latencies(runner: Batcher | DirectRunner, model: ModelRuntime, repeats: int = 20) -> list[float]:
+    """Seconds each of `repeats` back-to-back requests took, one at a time (no company ever comes)."""
+    async def scenario() -> list[float]:
         runner.start()
         encoded, h0 = model.alphabet.encode(["hello"]), model.zero_state(1)
-        best = float("inf")
+        took = []
         for _ in range(repeats):
             started = time.perf_counter()
             await runner.submit(encoded, h0, None)
-            best = min(best, time.perf_counter() - started)
+            took.append(time.perf_counter() - started)
         await runner.close()
-        return best
+        return took
 
     return asyncio.run(scenario())
 
@@ -352,10 +360,11 @@ def _lone_latency(runner: Batcher | DirectRunner, model: ModelRuntime, repeats: 
 def test_a_lone_request_does_not_wait_for_max_delay(runtimes: dict[str, ModelRuntime]) -> None:
     model = runtimes["rnn"]
     with ThreadPoolExecutor(max_workers=2) as executor:
-        batched = _lone_latency(Batcher(model, executor, BatchSettings(max_delay_s=0.2)), model)
-        direct = _lone_latency(DirectRunner(model, executor), model)
-    assert batched < 0.02, f"a lone request took {batched * 1000:.1f} ms with max_delay 200 ms"
-    assert batched < direct + 0.005, (batched, direct)  # no measurable cost over running it directly
+        batched = _lone_latencies(Batcher(model, executor, BatchSettings(max_delay_s=0.2)), model)
+        direct = _lone_latencies(DirectRunner(model, executor), model)
+    # Every request, not just the best: one that followed its predecessor too closely used to look "behind".
+    assert max(batched) < 0.1, f"a lone request took {max(batched) * 1000:.1f} ms with max_delay 200 ms"
+    assert statistics.median(batched) < statistics.median(direct) + 0.005, (batched, direct)
 
 
 def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: dict[str, ModelRuntime]) -> None:
@@ -370,7 +379,8 @@ def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: 
 
     async def scenario() -> None:
         batcher.start()
-        # Two callers arrive together (concurrency is evident), a third 50 ms later: all ride one run.
+        # Two callers arrive together: the first finds the model idle and runs at once; the second arrived
+        # while it ran (concurrency is evident), so it waits and the third, 50 ms later, rides with it.
         await asyncio.gather(submit(["he"], 0), submit(["lo"], 0), submit(["hole", "o"], 0.05))
         await batcher.close()
 
@@ -378,7 +388,7 @@ def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: 
         asyncio.run(scenario())
     finally:
         executor.shutdown()
-    assert recorder.runs == [("rnn", 4)]
+    assert recorder.runs == [("rnn", 1), ("rnn", 3)]
 
 
 class ThreadRecordingRuntime(ModelRuntime):
@@ -471,8 +481,10 @@ def test_hand_serialised_response_equals_the_field_by_field_message(
         engine.start()
         for words in request_shapes(rng, letters):
             batch = await engine.encode_batch(model, words, report_invalid=True)
-            response = _response(batch, time.perf_counter(), queue_seconds)
+            response = pb.EncodeResponse.FromString(_response(batch, time.perf_counter(), queue_seconds))
             assert response.timing.total_ms > 0
+            if batch.stats is not None:  # some words ran (not every one was reported invalid)
+                assert response.timing.inference_ms > 0 and response.timing.queue_ms >= 0
             response.ClearField("timing")
             expected = field_by_field(await engine.encode(model, words, report_invalid=True))
             assert response == expected
