@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests for one model are merged into one onnxruntime run and split back.
 
-Event-driven, with no worker task: a batch is dispatched to the executor the moment a run slot is free,
+Event-driven, with no worker task: a batch is handed to onnxruntime the moment a run slot is free,
 from submit() (an idle server runs a lone request at once, with no extra event-loop hop), from a run's
 completion (the slot is handed to the queue before the finished batch's results are split) or from the
 max-delay timer. With max_delay > 0 the queue head waits up to max_delay for more, but only while the
@@ -8,14 +8,17 @@ batch is not full and concurrency is evident: several callers are queued, or the
 model was busy (runs in flight or others queued). A lone request on an idle server is never delayed,
 whatever max_delay says.
 
-Run slots: up to max_concurrent_runs batches may run on the executor at once (the engine passes its
-executor's thread count), so that on a CPU a second batch uses the second core while the first one runs;
+Run slots: up to max_concurrent_runs batches may run at once (the engine passes the model's onnxruntime run
+threads), so that on a CPU a second batch uses the second core while the first one runs;
 requests that arrive while every slot is taken queue, and merge. A long queue is shared out between the
 slots (batches of at least SPLIT_MIN_WORDS words) rather than taken whole by the first free one, which
 would leave the other cores idle while it runs.
 
-Every onnxruntime run happens on the executor, never on the event loop; the executor thread posts the
-outcome back with call_soon_threadsafe (one cross-thread hop each way, the least a hand-off can cost).
+Every onnxruntime run happens on onnxruntime's own threads (ModelRuntime.start_run, session.run_async),
+never on the event loop; the outcome is posted back with call_soon_threadsafe. That is one thread wake-up
+each way, and the onnxruntime thread needs no Python (no GIL) to start: a Python executor thread costs a
+second wake-up to take the GIL first (measured in-process: ~120 us per 1-word run with run_async against
+~210-250 us through a ThreadPoolExecutor, on this 2-core VM).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,24 +84,26 @@ _Outcome = Callable[[BatchOutputs | None, BaseException | None, float], None]
 """Receives a run's outputs (or its error) and its seconds in onnxruntime, on the event loop."""
 
 
-def _run_and_post(loop: asyncio.AbstractEventLoop, model: ModelRuntime, merged: _Merged, outcome: _Outcome) -> None:
-    """On an executor thread: run the batch, then hand the outcome back to the event loop."""
+def _start_run(loop: asyncio.AbstractEventLoop, model: ModelRuntime, merged: _Merged, outcome: _Outcome) -> None:
+    """Start the batch on onnxruntime's threads; `outcome` runs on the event loop once it is done.
+    Raises if onnxruntime refuses the run outright (then `outcome` is never called)."""
     started = time.perf_counter()
-    try:
-        outputs = model.run(*merged)
-    except Exception as error:  # noqa: BLE001 - delivered to the callers of this batch
-        loop.call_soon_threadsafe(outcome, None, error, time.perf_counter() - started)
-    else:
-        loop.call_soon_threadsafe(outcome, outputs, None, time.perf_counter() - started)
+
+    def done(outputs: BatchOutputs | None, error: BaseException | None) -> None:  # on an onnxruntime thread
+        try:
+            loop.call_soon_threadsafe(outcome, outputs, error, time.perf_counter() - started)
+        except RuntimeError:  # the event loop is closed: nobody is waiting for this run any more
+            pass
+
+    model.start_run(*merged, done)
 
 
 class Batcher:
-    """Queues requests for one model and runs them in merged batches on the executor."""
+    """Queues requests for one model and runs them in merged batches on onnxruntime's threads."""
 
     def __init__(
         self,
         model: ModelRuntime,
-        executor: Executor,
         settings: BatchSettings,
         observer: RunObserver | None = None,
         max_concurrent_runs: int = 1,
@@ -107,11 +111,10 @@ class Batcher:
         self.model = model
         self.settings = settings
         self.max_concurrent_runs = max(1, max_concurrent_runs)
-        self._executor = executor
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_words = 0
-        self._running = 0  # batches on the executor
+        self._running = 0  # batches started and not yet finished
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._drained: asyncio.Event | None = None
@@ -220,12 +223,11 @@ class Batcher:
         assert self._loop is not None
         dispatched = self._loop.time()
         try:
-            merged = _merge(batch)
-            self._executor.submit(
-                _run_and_post, self._loop, self.model, merged,
+            _start_run(
+                self._loop, self.model, _merge(batch),
                 lambda outputs, error, seconds: self._finished(batch, dispatched, outputs, error, seconds),
             )
-        except Exception as error:  # noqa: BLE001 - merging or submitting failed: this batch's callers get it
+        except Exception as error:  # noqa: BLE001 - merging or starting failed: this batch's callers get it
             _fail(batch, error)
             return
         self._running += 1
@@ -286,22 +288,26 @@ def _slice(outputs: BatchOutputs, start: int, stop: int, max_len: int) -> BatchO
 
 
 class DirectRunner:
-    """No batching: every request gets its own onnxruntime run on the executor."""
+    """No batching: every request gets its own onnxruntime run."""
 
-    def __init__(self, model: ModelRuntime, executor: Executor, observer: RunObserver | None = None) -> None:
+    def __init__(self, model: ModelRuntime, observer: RunObserver | None = None) -> None:
         self.model = model
-        self._executor = executor
         self._observer = observer
         self._closed = False
+        self._running = 0
+        self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         """Bind to the running event loop (call from the serving loop before submit)."""
         self._loop = asyncio.get_running_loop()
+        self._drained = asyncio.Event()
 
     async def close(self) -> None:
-        """Refuse new work (runs already started finish and answer their callers)."""
+        """Refuse new work; return once the runs already started are done."""
         self._closed = True
+        if self._running and self._drained is not None:
+            await self._drained.wait()
 
     async def submit(
         self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
@@ -317,6 +323,9 @@ class DirectRunner:
         words = len(encoded.lengths)
 
         def finished(outputs: BatchOutputs | None, error: BaseException | None, seconds: float) -> None:
+            self._running -= 1
+            if self._closed and not self._running and self._drained is not None:
+                self._drained.set()
             if self._observer is not None and outputs is not None:
                 self._observer(self.model.name, words, seconds)
             if future.done():
@@ -327,5 +336,6 @@ class DirectRunner:
                 waited = max(0.0, loop.time() - queued - seconds)
                 future.set_result((outputs, RunStats(waited, seconds, words)))
 
-        self._executor.submit(_run_and_post, loop, self.model, (encoded, h0, c0), finished)
+        _start_run(loop, self.model, (encoded, h0, c0), finished)
+        self._running += 1
         return await future

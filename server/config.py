@@ -45,10 +45,8 @@ class ServerConfig:
     """How long a non-full batch waits for company; 0 never waits."""
     max_queue_words: int
     """Words allowed to wait per model before RESOURCE_EXHAUSTED."""
-    intra_op_threads: int
-    """onnxruntime intra-op threads per session; 0 lets onnxruntime choose."""
-    executor_threads: int
-    """Threads running onnxruntime sessions (off the event loop)."""
+    run_threads: int
+    """onnxruntime threads running each model's batches (off the event loop); also its batches in flight."""
     port_file: Path | None
     """If set, the bound gRPC and metrics ports are written here as JSON once serving."""
 
@@ -104,10 +102,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="how long a non-full batch waits for more requests; 0 never waits (env CHARRNN_MAX_QUEUE_DELAY_MS)")
     add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", 65536),
         help="words waiting per model before RESOURCE_EXHAUSTED (env CHARRNN_MAX_QUEUE_WORDS)")
-    add("--intra-op-threads", type=int, default=_env(env, "CHARRNN_INTRA_OP_THREADS", 1),
-        help="onnxruntime intra-op threads per session, 0 = onnxruntime's choice (env CHARRNN_INTRA_OP_THREADS)")
-    add("--executor-threads", type=int, default=_env(env, "CHARRNN_EXECUTOR_THREADS", 2),
-        help="threads running onnxruntime off the event loop (env CHARRNN_EXECUTOR_THREADS)")
+    add("--run-threads", type=int, default=_env(env, "CHARRNN_RUN_THREADS", 1),
+        help="onnxruntime threads running each model's batches, off the event loop; also the batches a model "
+             "may have running at once. Raise it where cores are to spare for a compute-heavy model; on a small "
+             "machine one run at a time (bigger batches, a core left to the event loop) serves more "
+             "(env CHARRNN_RUN_THREADS)")
     add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", None),
         help="write the bound ports here as JSON once serving (env CHARRNN_PORT_FILE)")
     return parser
@@ -127,7 +126,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         parser.error(f"--log-level / CHARRNN_LOG_LEVEL: unknown level {args.log_level!r}")
     for name in ("max_words", "max_word_length", "max_message_bytes", "max_batch_words", "max_queue_words",
-                 "executor_threads"):
+                 "run_threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.grace_seconds < 0 or args.max_queue_delay_ms < 0:

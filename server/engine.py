@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,16 +101,15 @@ class Engine:
         models: dict[str, ModelRuntime],
         limits: Limits,
         batching: BatchSettings | None,
-        executor_threads: int = 2,
+        run_threads: int = 1,
         observer: RunObserver | None = None,
     ) -> None:
         self.models = models
         self.limits = limits
-        self._executor = ThreadPoolExecutor(max_workers=executor_threads, thread_name_prefix="onnxruntime")
         self._runners: dict[str, Batcher | DirectRunner] = {
-            name: Batcher(model, self._executor, batching, observer, max_concurrent_runs=executor_threads)
+            name: Batcher(model, batching, observer, max_concurrent_runs=run_threads)
             if batching is not None
-            else DirectRunner(model, self._executor, observer)
+            else DirectRunner(model, observer)
             for name, model in models.items()
         }
 
@@ -121,10 +119,9 @@ class Engine:
             runner.start()
 
     async def close(self) -> None:
-        """Finish queued work, then release the executor."""
+        """Refuse new work; return once queued and running work is done."""
         for runner in self._runners.values():
             await runner.close()
-        self._executor.shutdown(wait=True)
 
     def model(self, name: str) -> ModelRuntime:
         """The loaded model of that name, or ModelNotFoundError."""

@@ -72,7 +72,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     engine: Engine | None = None
     try:
         models = await asyncio.get_running_loop().run_in_executor(
-            None, load_repository, config.repository, config.device, config.intra_op_threads
+            None, load_repository, config.repository, config.device, config.run_threads
         )
         batching = (
             BatchSettings(config.max_batch_words, config.max_queue_delay_ms / 1000.0, config.max_queue_words)
@@ -80,7 +80,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
             else None
         )
         engine = Engine(
-            models, Limits(config.max_words, config.max_word_length), batching, config.executor_threads,
+            models, Limits(config.max_words, config.max_word_length), batching, config.run_threads,
             metrics.observe_run,
         )
         engine.start()

@@ -15,7 +15,6 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +32,9 @@ from proto.charrnn.v1 import charrnn_pb2 as pb
 from server.alphabet import EncodedWords
 from server.batcher import Batcher, BatchSettings, DirectRunner
 from server.engine import Engine, EncodeResult, InitialState, Limits, WordEncoding
-from server.errors import InvalidWordError, OverloadedError
+from server.errors import InvalidWordError, OverloadedError, ShuttingDownError
 from server.metrics import Metrics
-from server.runtime import BatchOutputs, ModelRuntime, load_repository
+from server.runtime import BatchOutputs, ModelRuntime, RunDone, load_repository
 from server.service import _response
 
 MODELS = ("rnn", "rnn_multi_layers", "lstm", LARGE_MODEL)
@@ -148,7 +147,7 @@ def test_batched_equals_unbatched_equals_eager_on_concurrent_mixed_traffic(
 
 def test_concurrent_requests_are_merged_into_one_run(runtimes: dict[str, ModelRuntime]) -> None:
     recorder = Recorder()
-    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=1024), observer=recorder)
+    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=1024), run_threads=2, observer=recorder)
     requests = [Request("lstm", ["hello", "he"], []) for _ in range(20)]
     asyncio.run(encode_all(engine, requests))
     # The first two find the engine's two run slots free and start at once (a lone request never waits);
@@ -157,7 +156,7 @@ def test_concurrent_requests_are_merged_into_one_run(runtimes: dict[str, ModelRu
 
 
 def test_results_report_the_batch_they_rode_in(runtimes: dict[str, ModelRuntime]) -> None:
-    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=6))
+    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=6), run_threads=2)
     results = asyncio.run(encode_all(engine, [Request("rnn", ["hel", "lo"], []) for _ in range(6)]))
     # Two start alone in the two free run slots; the four queued behind them fill a 6-word batch, then 2.
     assert [result.stats.batch_words for result in results if result.stats] == [2, 2, 6, 6, 6, 2]
@@ -169,20 +168,25 @@ POISON_LENGTH = 13
 
 
 class PoisonedRuntime(ModelRuntime):
-    """The real runtime, except that a batch holding a word of POISON_LENGTH letters fails."""
+    """The real runtime, except that a batch holding a word of POISON_LENGTH letters is handed to onnxruntime
+    with int64 lengths, which onnxruntime itself refuses (on its own thread, through the run's callback)."""
 
-    def run(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
-    ) -> BatchOutputs:
+    def start_run(
+        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+    ) -> None:
         if POISON_LENGTH in encoded.lengths.tolist():
-            raise RuntimeError("poisoned batch")
-        return super().run(encoded, h0, c0)
+            encoded = EncodedWords(encoded.indices, encoded.lengths.astype(np.int64))
+        super().start_run(encoded, h0, c0, done)
+
+
+def poisoned(outcome: object) -> bool:
+    return isinstance(outcome, RuntimeError) and "onnxruntime run failed" in str(outcome) and "int32" in str(outcome)
 
 
 def test_a_failure_reaches_every_caller_of_its_batch_and_no_other(runtimes: dict[str, ModelRuntime]) -> None:
     model = PoisonedRuntime(runtimes["lstm"].folder, "cpu")
     recorder = Recorder()
-    engine = Engine({"lstm": model}, Limits(), BatchSettings(max_batch_words=4), observer=recorder)
+    engine = Engine({"lstm": model}, Limits(), BatchSettings(max_batch_words=4), run_threads=2, observer=recorder)
     poison = "h" * POISON_LENGTH
     # Submitted together, in order: A and B find the two run slots free and start alone at once; the rest
     # queue behind them and are taken in order, 4 words at a time: [C, D], [E, F], [G, H].
@@ -207,7 +211,7 @@ def test_a_failure_reaches_every_caller_of_its_batch_and_no_other(runtimes: dict
             await engine.close()
 
     outcomes = asyncio.run(run_all())
-    failed = [isinstance(outcome, RuntimeError) and str(outcome) == "poisoned batch" for outcome in outcomes]
+    failed = [poisoned(outcome) for outcome in outcomes]
     assert failed == [False, False, True, True, False, False, True, True]
     assert sorted(words for _, words in recorder.runs) == [2, 2, 4]  # only the healthy batches completed
     healthy = outcomes[4]
@@ -223,14 +227,19 @@ class GatedRuntime(ModelRuntime):
         self.entered = threading.Event()
         self.waiting = 0
 
-    def run(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
-    ) -> BatchOutputs:
+    def start_run(
+        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+    ) -> None:
         self.waiting += 1
         self.entered.set()
-        if not self.gate.wait(timeout=30):
-            raise TimeoutError("the test never opened the gate")
-        return super().run(encoded, h0, c0)
+
+        def after_the_gate() -> None:
+            if self.gate.wait(timeout=30):
+                super(GatedRuntime, self).start_run(encoded, h0, c0, done)
+            else:
+                done(None, TimeoutError("the test never opened the gate"))
+
+        threading.Thread(target=after_the_gate, daemon=True).start()
 
 
 async def _until(condition: threading.Event) -> None:
@@ -242,8 +251,7 @@ async def _until(condition: threading.Event) -> None:
 
 def test_a_full_queue_answers_overloaded_instead_of_hanging(runtimes: dict[str, ModelRuntime]) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
-    executor = ThreadPoolExecutor(max_workers=1)
-    batcher = Batcher(model, executor, BatchSettings(max_batch_words=4, max_queue_words=6))
+    batcher = Batcher(model, BatchSettings(max_batch_words=4, max_queue_words=6))
 
     def submit(words: list[str]) -> asyncio.Future[tuple[BatchOutputs, object]]:
         encoded = model.alphabet.encode(words)
@@ -271,14 +279,67 @@ def test_a_full_queue_answers_overloaded_instead_of_hanging(runtimes: dict[str, 
         asyncio.run(scenario())
     finally:
         model.gate.set()
-        executor.shutdown()
+
+
+class RefusingRuntime(ModelRuntime):
+    """The real runtime, except that starting a batch with a word of POISON_LENGTH letters raises at once."""
+
+    def start_run(
+        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+    ) -> None:
+        if POISON_LENGTH in encoded.lengths.tolist():
+            raise RuntimeError("refused outright")
+        super().start_run(encoded, h0, c0, done)
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batcher", "direct"])
+def test_a_run_refused_outright_fails_its_callers_and_frees_its_slot(
+    runtimes: dict[str, ModelRuntime], batching: bool
+) -> None:
+    model = RefusingRuntime(runtimes["rnn"].folder, "cpu")
+    runner: Batcher | DirectRunner = Batcher(model, BatchSettings()) if batching else DirectRunner(model)
+
+    async def scenario() -> None:
+        runner.start()
+        for _ in range(3):  # with one run slot, a leaked slot would hang the next request
+            with pytest.raises(RuntimeError, match="refused outright"):
+                await asyncio.wait_for(runner.submit(model.alphabet.encode(["h" * POISON_LENGTH]), model.zero_state(1), None), 10)
+            outputs, _ = await asyncio.wait_for(runner.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None), 10)
+            assert outputs.h_n.shape == (1, 1, 2)
+        await asyncio.wait_for(runner.close(), 10)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batcher", "direct"])
+def test_close_waits_for_runs_already_started(runtimes: dict[str, ModelRuntime], batching: bool) -> None:
+    model = GatedRuntime(runtimes["rnn"].folder)
+    runner: Batcher | DirectRunner = Batcher(model, BatchSettings()) if batching else DirectRunner(model)
+
+    async def scenario() -> None:
+        runner.start()
+        running = asyncio.ensure_future(runner.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None))
+        await _until(model.entered)
+        closing = asyncio.ensure_future(runner.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done(), "close() returned while a run was still going"
+        with pytest.raises(ShuttingDownError):
+            await runner.submit(model.alphabet.encode(["he"]), model.zero_state(1), None)
+        model.gate.set()
+        await asyncio.wait_for(closing, 10)
+        outputs, _ = await running  # the run that was going still answered its caller
+        assert outputs.h_n.shape == (1, 1, 2)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.gate.set()
 
 
 def test_cancelled_callers_words_are_skipped(runtimes: dict[str, ModelRuntime]) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
-    executor = ThreadPoolExecutor(max_workers=1)
     recorder = Recorder()
-    batcher = Batcher(model, executor, BatchSettings(max_batch_words=100), recorder)
+    batcher = Batcher(model, BatchSettings(max_batch_words=100), recorder)
 
     def submit(words: list[str]) -> asyncio.Task[tuple[BatchOutputs, object]]:
         return asyncio.ensure_future(batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
@@ -301,15 +362,13 @@ def test_cancelled_callers_words_are_skipped(runtimes: dict[str, ModelRuntime]) 
         asyncio.run(scenario())
     finally:
         model.gate.set()
-        executor.shutdown()
     assert recorder.runs == [("rnn", 1), ("rnn", 3)]  # the cancelled request's 4 words never ran
 
 
 def test_batches_run_side_by_side_up_to_the_limit_then_merge(runtimes: dict[str, ModelRuntime]) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
-    executor = ThreadPoolExecutor(max_workers=2)
     recorder = Recorder()
-    batcher = Batcher(model, executor, BatchSettings(max_batch_words=100), recorder, max_concurrent_runs=2)
+    batcher = Batcher(model, BatchSettings(max_batch_words=100), recorder, max_concurrent_runs=2)
 
     def submit(words: list[str]) -> asyncio.Task[tuple[BatchOutputs, object]]:
         return asyncio.ensure_future(batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
@@ -334,7 +393,6 @@ def test_batches_run_side_by_side_up_to_the_limit_then_merge(runtimes: dict[str,
         asyncio.run(scenario())
     finally:
         model.gate.set()
-        executor.shutdown()
     assert sorted(words for _, words in recorder.runs) == [1, 2, 4]
 
 
@@ -359,9 +417,8 @@ def _lone_latencies(runner: Batcher | DirectRunner, model: ModelRuntime, repeats
 
 def test_a_lone_request_does_not_wait_for_max_delay(runtimes: dict[str, ModelRuntime]) -> None:
     model = runtimes["rnn"]
-    with ThreadPoolExecutor(max_workers=2) as executor:
-        batched = _lone_latencies(Batcher(model, executor, BatchSettings(max_delay_s=0.2)), model)
-        direct = _lone_latencies(DirectRunner(model, executor), model)
+    batched = _lone_latencies(Batcher(model, BatchSettings(max_delay_s=0.2)), model)
+    direct = _lone_latencies(DirectRunner(model), model)
     # Every request, not just the best: one that followed its predecessor too closely used to look "behind".
     assert max(batched) < 0.1, f"a lone request took {max(batched) * 1000:.1f} ms with max_delay 200 ms"
     assert statistics.median(batched) < statistics.median(direct) + 0.005, (batched, direct)
@@ -370,8 +427,7 @@ def test_a_lone_request_does_not_wait_for_max_delay(runtimes: dict[str, ModelRun
 def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: dict[str, ModelRuntime]) -> None:
     model = runtimes["rnn"]
     recorder = Recorder()
-    executor = ThreadPoolExecutor(max_workers=1)
-    batcher = Batcher(model, executor, BatchSettings(max_batch_words=100, max_delay_s=0.3), recorder)
+    batcher = Batcher(model, BatchSettings(max_batch_words=100, max_delay_s=0.3), recorder)
 
     async def submit(words: list[str], after: float) -> None:
         await asyncio.sleep(after)
@@ -384,32 +440,32 @@ def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: 
         await asyncio.gather(submit(["he"], 0), submit(["lo"], 0), submit(["hole", "o"], 0.05))
         await batcher.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        executor.shutdown()
+    asyncio.run(scenario())
     assert recorder.runs == [("rnn", 1), ("rnn", 3)]
 
 
 class ThreadRecordingRuntime(ModelRuntime):
-    """The real runtime, noting the thread each run happens on."""
+    """The real runtime, noting the thread each started run finishes on (onnxruntime calls back on the thread
+    that ran it)."""
 
     threads: list[int]
 
-    def run(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
-    ) -> BatchOutputs:
-        self.threads.append(threading.get_ident())
-        return super().run(encoded, h0, c0)
+    def start_run(
+        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+    ) -> None:
+        def noted(outputs: BatchOutputs | None, error: BaseException | None) -> None:
+            self.threads.append(threading.get_ident())
+            done(outputs, error)
+
+        super().start_run(encoded, h0, c0, noted)
 
 
 @pytest.mark.parametrize("batching", [True, False], ids=["batcher", "direct"])
 def test_onnxruntime_runs_off_the_event_loop(runtimes: dict[str, ModelRuntime], batching: bool) -> None:
     model = ThreadRecordingRuntime(runtimes["lstm"].folder, "cpu")
     model.threads = []
-    executor = ThreadPoolExecutor(max_workers=1)
     runner: Batcher | DirectRunner = (
-        Batcher(model, executor, BatchSettings(max_batch_words=100)) if batching else DirectRunner(model, executor)
+        Batcher(model, BatchSettings(max_batch_words=100)) if batching else DirectRunner(model)
     )
 
     async def scenario() -> int:
@@ -417,16 +473,12 @@ def test_onnxruntime_runs_off_the_event_loop(runtimes: dict[str, ModelRuntime], 
         for words in (["hello"], ["hello"], ["he", "lo"]):
             h0 = model.zero_state(len(words))
             outputs, _ = await runner.submit(model.alphabet.encode(words), h0, np.zeros_like(h0))
-            direct = model.run(model.alphabet.encode(words), h0, np.zeros_like(h0))
-            model.threads.pop()  # that direct run was ours, on this thread
+            direct = model.run(model.alphabet.encode(words), h0, np.zeros_like(h0))  # not a started run: not noted
             np.testing.assert_array_equal(outputs.outputs, direct.outputs)
         await runner.close()
         return threading.get_ident()
 
-    try:
-        loop_thread = asyncio.run(scenario())
-    finally:
-        executor.shutdown()
+    loop_thread = asyncio.run(scenario())
     assert len(model.threads) == 3
     assert loop_thread not in model.threads, "an onnxruntime run happened on the event loop's thread"
 

@@ -164,7 +164,7 @@ def test_defaults_with_an_empty_environment() -> None:
         repository=Path("./model_repository"), address="0.0.0.0", port=50051, device="auto", grace_seconds=10.0,
         max_words=4096, max_word_length=256, max_message_bytes=64 * 1024 * 1024, metrics_port=9090,
         log_level="INFO", batching=True, max_batch_words=4096, max_queue_delay_ms=0.0, max_queue_words=65536,
-        intra_op_threads=1, executor_threads=2, port_file=None,
+        run_threads=1, port_file=None,
     )
 
 
@@ -183,8 +183,7 @@ FULL_ENV = {
     "CHARRNN_MAX_BATCH_WORDS": "11",
     "CHARRNN_MAX_QUEUE_DELAY_MS": "1.5",
     "CHARRNN_MAX_QUEUE_WORDS": "13",
-    "CHARRNN_INTRA_OP_THREADS": "3",
-    "CHARRNN_EXECUTOR_THREADS": "4",
+    "CHARRNN_RUN_THREADS": "4",
     "CHARRNN_PORT_FILE": "/env/ports.json",
 }
 
@@ -194,8 +193,8 @@ def test_every_setting_comes_from_its_environment_variable() -> None:
     assert config == ServerConfig(
         repository=Path("/env/repo"), address="10.0.0.1", port=1111, device="cuda", grace_seconds=2.5,
         max_words=7, max_word_length=9, max_message_bytes=12345, metrics_port=-1, log_level="DEBUG",
-        batching=False, max_batch_words=11, max_queue_delay_ms=1.5, max_queue_words=13, intra_op_threads=3,
-        executor_threads=4, port_file=Path("/env/ports.json"),
+        batching=False, max_batch_words=11, max_queue_delay_ms=1.5, max_queue_words=13, run_threads=4,
+        port_file=Path("/env/ports.json"),
     )
 
 
@@ -204,15 +203,15 @@ def test_flags_win_over_the_environment() -> None:
         "--repository", "/flag/repo", "--address", "127.0.0.1", "--port", "2222", "--device", "cpu",
         "--grace-seconds", "0.5", "--max-words", "70", "--max-word-length", "90", "--max-message-bytes", "54321",
         "--metrics-port", "0", "--log-level", "WARNING", "--batching", "--max-batch-words", "110",
-        "--max-queue-delay-ms", "0", "--max-queue-words", "130", "--intra-op-threads", "0",
-        "--executor-threads", "1", "--port-file", "/flag/ports.json",
+        "--max-queue-delay-ms", "0", "--max-queue-words", "130",
+        "--run-threads", "2", "--port-file", "/flag/ports.json",
     ]
     config = parse_config(flags, FULL_ENV)
     assert config == ServerConfig(
         repository=Path("/flag/repo"), address="127.0.0.1", port=2222, device="cpu", grace_seconds=0.5,
         max_words=70, max_word_length=90, max_message_bytes=54321, metrics_port=0, log_level="WARNING",
-        batching=True, max_batch_words=110, max_queue_delay_ms=0.0, max_queue_words=130, intra_op_threads=0,
-        executor_threads=1, port_file=Path("/flag/ports.json"),
+        batching=True, max_batch_words=110, max_queue_delay_ms=0.0, max_queue_words=130, run_threads=2,
+        port_file=Path("/flag/ports.json"),
     )
 
 
@@ -247,7 +246,7 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
         (["--max-words", "0"], "--max-words must be at least 1"),
         (["--max-word-length", "0"], "--max-word-length must be at least 1"),
         (["--max-message-bytes", "0"], "--max-message-bytes must be at least 1"),
-        (["--executor-threads", "0"], "--executor-threads must be at least 1"),
+        (["--run-threads", "0"], "--run-threads must be at least 1"),
         (["--grace-seconds", "-1"], "cannot be negative"),
         (["--max-queue-delay-ms", "-0.5"], "cannot be negative"),
         (["--device", "gpu"], "invalid choice: 'gpu'"),
