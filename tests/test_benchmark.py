@@ -1,0 +1,139 @@
+"""clients/benchmark.py: the ratios, the estimated bounds and the report are computed from the run's figures.
+
+The benchmark itself is a script that measures (docs/performance.md); these tests check its arithmetic on
+figures given here, and run the handler measurement (real Engine, real onnxruntime, no gRPC) briefly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.benchmark import (
+    LARGE_MODEL,
+    MAIN_MODEL,
+    QUICK,
+    Cell,
+    Report,
+    evaluate,
+    measure_handler,
+    render,
+)
+
+
+def result(requests_per_s: float, words: int, p50_ms: float, response_bytes: int = 100) -> dict[str, Any]:
+    return {
+        "requests_per_s": requests_per_s, "words_per_s": requests_per_s * words, "response_bytes": response_bytes,
+        "latency_ms": {"p50": p50_ms, "p90": p50_ms * 1.5, "p99": p50_ms * 2}, "errors": {},
+    }
+
+
+def server(model: str, batching: bool, concurrency: int, words: int, rate: float, p50: float = 1.0) -> Cell:
+    return Cell("server", model, "unary", batching, concurrency, words, result(rate, words, p50),
+                server_cpu_us=300.0, client_cpu_us=200.0)
+
+
+def echo(concurrency: int, words: int, rate: float, p50: float, server_cpu: float, client_cpu: float) -> Cell:
+    return Cell("echo", MAIN_MODEL, "unary", None, concurrency, words, result(rate, words, p50),
+                server_cpu_us=server_cpu, client_cpu_us=client_cpu)
+
+
+def report_with(cells: list[Cell], handler: list[dict[str, Any]], cores: int = 2) -> Report:
+    return Report(
+        command="python -m clients.benchmark", started_utc="2026-11-29 10:00",
+        machine={"nproc": cores, "affinity": cores, "cpu_model": "test", "memory_gib": 1, "gpu": "none",
+                 "load_average_at_start": [0, 0, 0], "python": "3.11", "onnxruntime": "x",
+                 "onnxruntime_providers_available": ["CPUExecutionProvider"], "grpcio": "x", "numpy": "x",
+                 "platform": "linux"},
+        plan={"duration_s": 1, "warmup_s": 0, "long_duration_s": 1}, server_flags=["--max-queue-delay-ms", "5"],
+        inprocess=[{"model": MAIN_MODEL, "provider": "CPUExecutionProvider", "batch_words": 1024, "runs": 1,
+                    "ms_per_run": 4.0, "words_per_s": 250_000.0}],
+        handler=handler, cells=cells,
+        memory={"batching on": {"idle_mib": 100.0, "peak_main_mib": 120.0, "peak_large_mib": 130.0,
+                                "peak_mib": 130.0, "hwm_mib": 131.0}},
+    )
+
+
+HANDLER = [
+    {"model": MAIN_MODEL, "concurrency": 1, "words": 1, "requests": 100, "requests_per_s": 3000.0,
+     "wall_us_per_request": 300.0, "cpu_us_per_request": 290.0},
+    {"model": MAIN_MODEL, "concurrency": 64, "words": 1, "requests": 100, "requests_per_s": 20000.0,
+     "wall_us_per_request": 3000.0, "cpu_us_per_request": 50.0},
+    {"model": MAIN_MODEL, "concurrency": 64, "words": 32, "requests": 100, "requests_per_s": 5000.0,
+     "wall_us_per_request": 10000.0, "cpu_us_per_request": 250.0},
+]
+
+
+def checks_by_name(report: Report) -> dict[str, Any]:
+    return {check.name.split(":")[0]: check for check in evaluate(report)}
+
+
+def test_ratios_and_bounds_come_from_the_cells() -> None:
+    cells = [
+        server(MAIN_MODEL, True, 1, 1, 1000, p50=0.84),
+        echo(1, 1, 1600, 0.6, 300, 250),
+        server(MAIN_MODEL, True, 64, 1, 3000),
+        echo(64, 1, 4000, 15.0, 250, 200),  # 450 us x 4000/s = 1.8 cores of 2: CPU-bound
+        server(MAIN_MODEL, True, 64, 32, 1500),
+        echo(64, 32, 4000, 15.0, 260, 200),
+        server(MAIN_MODEL, True, 8, 1024, 200),
+        server(LARGE_MODEL, True, 64, 1, 2400),
+        server(LARGE_MODEL, False, 64, 1, 1200),
+    ]
+    checks = checks_by_name(report_with(cells, HANDLER))
+
+    latency = checks["1 word, concurrency 1"]
+    assert latency.ratio == pytest.approx(0.84 / 0.6)
+    assert latency.bound == pytest.approx((0.6 + 0.3) / 0.6)  # echo p50 + the handler's 300 us alone
+    assert latency.passed is True
+
+    one_word = checks["1 word, concurrency 64"]
+    assert one_word.ratio == pytest.approx(3000 / 4000)
+    assert one_word.bound == pytest.approx(450 / (450 + 50))
+    assert one_word.passed is False
+
+    words32 = checks["32 words, concurrency 64"]
+    assert words32.ratio == pytest.approx(1500 / 4000)
+    assert words32.bound == pytest.approx(460 / (460 + 250))
+
+    assert checks["1024 words, concurrency 8"].ratio == pytest.approx(200 * 1024 / 250_000)
+
+    large = checks["large model, 1 word, concurrency 64"]
+    assert large.ratio == pytest.approx(2.0) and large.passed is True
+    assert large.bound == pytest.approx(3000 / 1200)  # the small model's rate over the large model's, batching off
+
+    assert checks["RSS under load / idle"].ratio == pytest.approx(1.2)
+
+
+def test_no_cpu_bound_is_claimed_when_the_echo_left_cores_idle() -> None:
+    cells = [server(MAIN_MODEL, True, 64, 1, 3000), echo(64, 1, 1000, 15.0, 250, 200)]  # 0.45 of 2 cores
+    check = checks_by_name(report_with(cells, HANDLER))["1 word, concurrency 64"]
+    assert check.ratio == pytest.approx(3.0)
+    assert check.bound is None
+
+
+def test_the_report_shows_every_table_and_the_bounds() -> None:
+    cells = [server(MAIN_MODEL, True, 64, 1, 3000), echo(64, 1, 4000, 15.0, 250, 200)]
+    report = report_with(cells, HANDLER)
+    report.tuning = [{"flags": "--max-queue-delay-ms 0 --run-threads 1", "model": MAIN_MODEL, "concurrency": 8,
+                      "words": 1, "requests_per_s": 2000.0, "words_per_s": 2000.0, "p50_ms": 4.0,
+                      "avg_batch_words": 1.5}]
+    text = render(report, evaluate(report))
+    for heading in ("## Targets", "## Ceilings", "## In-process limit", "## Our handler without gRPC",
+                    "## Transport limit: grpc.aio echo", "## Tuning", "## Memory", "## How to read this"):
+        assert heading in text
+    assert "| 1 word, concurrency 64: throughput | server 3,000 words/s / echo 4,000 req/s | 0.75 | >= 0.9 | **miss** | 0.90:" in text
+    assert "| `--max-queue-delay-ms 0 --run-threads 1` | lstm | 8 | 1 | 2,000 | 4.000 | 1.5 |" in text
+
+
+def test_the_handler_is_measured_without_grpc_on_the_real_engine(model_repository: Path) -> None:
+    rows = measure_handler(model_repository, "cpu", 1, 1.0, replace(QUICK, warmup_s=0.05, inprocess_s=0.05))
+    assert [(row["concurrency"], row["words"]) for row in rows] == [(1, 1), (64, 1), (64, 32)]
+    for row in rows:
+        assert row["requests"] > 0 and row["requests_per_s"] > 0
+        assert row["cpu_us_per_request"] > 0 and row["wall_us_per_request"] > 0
+    # 32 words cost more than one: the measurement sees the work it claims to see.
+    assert rows[2]["cpu_us_per_request"] > rows[1]["cpu_us_per_request"]
