@@ -204,8 +204,26 @@ def export_repository(folder: Path) -> Path:
 
 
 def measure_inprocess(repository: Path, device: str, run_threads: int, plan: Plan) -> list[dict[str, Any]]:
-    """words/s of ModelRuntime.run (one-hot + session.run) for each batch size, one batch after another."""
-    from server.runtime import ModelRuntime
+    """words/s of our one-hot encoding + an onnxruntime run for each batch size, one batch after another, run
+    the way the server runs them (ModelRuntime.start_run: session.run_async on the session's run threads)."""
+    from server.alphabet import EncodedWords
+    from server.runtime import BatchOutputs, ModelRuntime
+
+    def run(
+        model: ModelRuntime, encoded: EncodedWords, h0: np.ndarray, c0: np.ndarray | None  # type: ignore[type-arg]
+    ) -> None:
+        finished = threading.Event()
+        failures: list[BaseException] = []
+
+        def done(outputs: BatchOutputs | None, error: BaseException | None) -> None:
+            if error is not None:
+                failures.append(error)
+            finished.set()
+
+        model.start_run(encoded, h0, c0, done)
+        finished.wait()
+        if failures:
+            raise failures[0]
 
     rows = []
     for name in (MAIN_MODEL, LARGE_MODEL):
@@ -217,10 +235,10 @@ def measure_inprocess(repository: Path, device: str, run_threads: int, plan: Pla
             encoded = model.alphabet.encode(words)
             h0 = model.zero_state(batch)
             c0 = np.zeros_like(h0) if model.manifest.has_cell_state else None
-            model.run(encoded, h0, c0)  # warm-up
+            run(model, encoded, h0, c0)  # warm-up
             runs, started = 0, time.perf_counter()
             while True:
-                model.run(encoded, h0, c0)
+                run(model, encoded, h0, c0)
                 runs += 1
                 elapsed = time.perf_counter() - started
                 if elapsed >= plan.inprocess_s and runs >= 3:
@@ -248,24 +266,28 @@ class _NoGrpcContext:
 
 
 def measure_handler(
-    repository: Path, device: str, run_threads: int, max_delay_ms: float, plan: Plan
+    repository: Path, device: str, server_flags: Sequence[str], plan: Plan
 ) -> list[dict[str, Any]]:
-    """Our whole Encode handler without gRPC: request checks, one-hot, batcher, executor hand-off, onnxruntime,
-    response bytes, metrics - called directly by `concurrency` coroutines, with the servers' batch settings.
-    What it costs per request (CPU of this process, all threads) is what the server adds to a gRPC call."""
+    """Our whole Encode handler without gRPC: request checks, one-hot, batcher, hand-off to onnxruntime's thread,
+    response bytes, metrics - called directly by `concurrency` coroutines, configured as charrnn-server is by
+    the same flags. What it costs per request (CPU of this process, all threads) is what the server adds to
+    a gRPC call."""
     from server.batcher import BatchSettings
+    from server.config import parse_config
     from server.engine import Engine, Limits
     from server.metrics import Metrics
     from server.runtime import ModelRuntime
     from server.service import CharRnnService
 
-    model = ModelRuntime(repository / MAIN_MODEL, device, run_threads)
+    config = parse_config(list(server_flags), {})
+    model = ModelRuntime(repository / MAIN_MODEL, device, config.run_threads)
     letters = model.manifest.alphabet
 
     async def measure(concurrency: int, words: int) -> dict[str, Any]:
         metrics = Metrics()
-        engine = Engine({model.name: model}, Limits(), BatchSettings(max_delay_s=max_delay_ms / 1000.0),
-                        run_threads, metrics.observe_run)
+        settings = BatchSettings(config.max_batch_words, config.max_queue_delay_ms / 1000.0, config.max_queue_words)
+        engine = Engine({model.name: model}, Limits(config.max_words, config.max_word_length),
+                        settings if config.batching else None, config.run_threads, metrics.observe_run)
         engine.start()
         service = CharRnnService(metrics)
         service.attach(engine)
@@ -291,6 +313,7 @@ def measure_handler(
         await asyncio.gather(*(caller(i, started + plan.inprocess_s * 2) for i in range(concurrency)))
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         await engine.close()
+        done = max(done, 1)
         return {
             "model": model.name, "concurrency": concurrency, "words": words, "requests": done,
             "requests_per_s": done / elapsed, "wall_us_per_request": elapsed / done * 1e6 * concurrency,
@@ -467,7 +490,8 @@ def _client_cpu_s() -> float:
 
 @contextmanager
 def _cpu_per_request(pid: int) -> Iterator[Callable[[LoadResult], tuple[float | None, float | None]]]:
-    """Server and client CPU microseconds per request sent over the block (call the yielded function after it)."""
+    """Server and client CPU microseconds per request sent: call the yielded function with the load's result
+    as soon as the load is done (inside the block); the CPU readings are taken at that first call."""
     server, client = _process_cpu_s(pid), _client_cpu_s()
     ends: list[float] = []
 
@@ -552,10 +576,12 @@ TUNING_VARIANTS = (
 TUNING_CELLS = ((MAIN_MODEL, 8, 1), (MAIN_MODEL, 64, 1), (MAIN_MODEL, 64, 32), (LARGE_MODEL, 64, 1))
 
 
-def run_tuning(report: Report, plan: Plan, repository: Path, folder: Path, device: str, processes: int) -> None:
-    """The two batching knobs side by side: a server per setting, the same unary cells on each."""
+def run_tuning(
+    report: Report, plan: Plan, repository: Path, folder: Path, device: str, processes: int, extra: Sequence[str]
+) -> None:
+    """The two batching knobs side by side: a server per setting (after any --server-arg), the same unary cells."""
     for index, flags in enumerate(TUNING_VARIANTS):
-        server = start_server(f"tuning-{index}", repository, folder, device, True, flags)
+        server = start_server(f"tuning-{index}", repository, folder, device, True, [*extra, *flags])
         try:
             for model, concurrency, words in TUNING_CELLS:
                 before = batch_words_totals(server, model)
@@ -740,8 +766,9 @@ def render(report: Report, checks: list[Check]) -> str:
         "",
         "## In-process limit",
         "",
-        "`ModelRuntime.run`: our one-hot encoding (server.alphabet) + onnxruntime `session.run`, one batch after "
-        "another, the server's session options; no gRPC, no request parsing, no response building.",
+        "Our one-hot encoding (server.alphabet) + an onnxruntime run (`session.run_async` on the session's run "
+        "thread, waited for: the server's own path), one batch after another, the server's session options; no "
+        "gRPC, no request parsing, no response building.",
         "",
         "| model | provider | batch (words) | ms per run | words/s |",
         "|---|---|---:|---:|---:|",
@@ -754,7 +781,7 @@ def render(report: Report, checks: list[Check]) -> str:
         "## Our handler without gRPC",
         "",
         f"`CharRnnService.Encode` called directly by that many coroutines ({MAIN_MODEL}, the servers' batch "
-        "settings): request checks, one-hot, batcher, executor hand-off both ways, onnxruntime, response bytes, "
+        "settings): request checks, one-hot, batcher, the hand-off to onnxruntime's thread and back, the run, response bytes, "
         "metrics; no transport. CPU is this process's, all threads; per request, what serving adds to a call.",
         "",
         "| concurrency | words/request | requests/s | CPU us/request | wall us/request |",
@@ -894,7 +921,6 @@ NOTES = """## How to read this
 """
 
 
-
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -915,8 +941,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                         help="extra charrnn-server flag (repeatable), e.g. --server-arg=--run-threads=1")
     parser.add_argument("--client-processes", type=int, default=1, help="load-generator processes per cell")
-    parser.add_argument("--run-threads", type=int, default=1,
-                        help="onnxruntime run threads for the in-process measurements (the server's default is 1)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming cells")
     parser.add_argument("--no-tuning", action="store_true", help="skip the side-by-side batching-knob servers")
     return parser
@@ -942,9 +966,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("exporting the models")
         repository = export_repository(folder)
         log("in-process limit")
-        report.inprocess = measure_inprocess(repository, args.device, args.run_threads, plan)
+        from server.config import parse_config  # the servers' own reading of their flags
+
+        run_threads = parse_config(report.server_flags, {}).run_threads
+        report.inprocess = measure_inprocess(repository, args.device, run_threads, plan)
         log("handler without gRPC")
-        report.handler = measure_handler(repository, args.device, args.run_threads, args.max_queue_delay_ms, plan)
+        report.handler = measure_handler(repository, args.device, report.server_flags, plan)
         with _servers(repository, folder, args.device, report.server_flags) as (servers, echo):
             report.providers = providers_of(servers[True])
             time.sleep(1.0)  # let start-up settle before reading idle memory
@@ -969,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
         if not args.no_tuning:
             log("tuning: batching knobs side by side")
-            run_tuning(report, plan, repository, folder, args.device, args.client_processes)
+            run_tuning(report, plan, repository, folder, args.device, args.client_processes, args.server_arg)
     report.elapsed_s = time.monotonic() - started
     checks = evaluate(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

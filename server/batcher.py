@@ -92,7 +92,7 @@ def _start_run(loop: asyncio.AbstractEventLoop, model: ModelRuntime, merged: _Me
     def done(outputs: BatchOutputs | None, error: BaseException | None) -> None:  # on an onnxruntime thread
         try:
             loop.call_soon_threadsafe(outcome, outputs, error, time.perf_counter() - started)
-        except RuntimeError:  # the event loop is closed: nobody is waiting for this run any more
+        except BaseException:  # noqa: BLE001 - the event loop is closed: nobody is waiting for this run any more
             pass
 
     model.start_run(*merged, done)
@@ -237,20 +237,25 @@ class Batcher:
         error: BaseException | None, seconds: float,
     ) -> None:
         self._running -= 1
-        self._dispatch()  # the free slot goes to the queue before this batch's results are split
-        if outputs is None:  # every caller of this batch, and no other, gets the failure
-            _fail(batch, error if error is not None else RuntimeError("run produced no outputs"))
-            return
-        total_words = sum(item.words for item in batch)
-        if self._observer is not None:
-            self._observer(self.model.name, total_words, seconds)
-        start = 0
-        for item in batch:
-            stop = start + item.words
-            if not item.future.done():
-                part = _slice(outputs, start, stop, int(item.encoded.lengths.max()))
-                item.future.set_result((part, RunStats(dispatched - item.enqueued, seconds, total_words)))
-            start = stop
+        try:
+            self._dispatch()  # the free slot goes to the queue before this batch's results are split
+            if outputs is None:  # every caller of this batch, and no other, gets the failure
+                _fail(batch, error if error is not None else RuntimeError("run produced no outputs"))
+                return
+            total_words = sum(item.words for item in batch)
+            if self._observer is not None:
+                self._observer(self.model.name, total_words, seconds)
+            start = 0
+            for item in batch:
+                stop = start + item.words
+                if not item.future.done():
+                    part = _slice(outputs, start, stop, int(item.encoded.lengths.max()))
+                    item.future.set_result((part, RunStats(dispatched - item.enqueued, seconds, total_words)))
+                start = stop
+        except Exception as failure:  # noqa: BLE001 - callers not yet answered get it rather than wait forever
+            _fail(batch, failure)
+        finally:
+            self._check_drained()
 
     def _check_drained(self) -> None:
         if self._closed and not self._running and not self._queue and self._drained is not None:
@@ -288,11 +293,13 @@ def _slice(outputs: BatchOutputs, start: int, stop: int, max_len: int) -> BatchO
 
 
 class DirectRunner:
-    """No batching: every request gets its own onnxruntime run."""
+    """No batching: every request gets its own onnxruntime run, at most max_concurrent_runs at a time (more
+    would only queue inside onnxruntime's pool, whose full queue runs work on the caller's thread)."""
 
-    def __init__(self, model: ModelRuntime, observer: RunObserver | None = None) -> None:
+    def __init__(self, model: ModelRuntime, observer: RunObserver | None = None, max_concurrent_runs: int = 1) -> None:
         self.model = model
         self._observer = observer
+        self._slots = asyncio.Semaphore(max(1, max_concurrent_runs))
         self._closed = False
         self._running = 0
         self._drained: asyncio.Event | None = None
@@ -318,11 +325,16 @@ class DirectRunner:
         loop = self._loop
         if loop is None:
             raise RuntimeError("DirectRunner.start() was not called")
-        future: asyncio.Future[tuple[BatchOutputs, RunStats]] = loop.create_future()
         queued = loop.time()
+        await self._slots.acquire()
+        if self._closed:
+            self._slots.release()
+            raise ShuttingDownError("the server is shutting down")
+        future: asyncio.Future[tuple[BatchOutputs, RunStats]] = loop.create_future()
         words = len(encoded.lengths)
 
         def finished(outputs: BatchOutputs | None, error: BaseException | None, seconds: float) -> None:
+            self._slots.release()
             self._running -= 1
             if self._closed and not self._running and self._drained is not None:
                 self._drained.set()
@@ -336,6 +348,10 @@ class DirectRunner:
                 waited = max(0.0, loop.time() - queued - seconds)
                 future.set_result((outputs, RunStats(waited, seconds, words)))
 
-        _start_run(loop, self.model, (encoded, h0, c0), finished)
+        try:
+            _start_run(loop, self.model, (encoded, h0, c0), finished)
+        except BaseException:
+            self._slots.release()
+            raise
         self._running += 1
         return await future

@@ -46,7 +46,7 @@ class ServerConfig:
     max_queue_words: int
     """Words allowed to wait per model before RESOURCE_EXHAUSTED."""
     run_threads: int
-    """onnxruntime threads running each model's batches (off the event loop); also its batches in flight."""
+    """onnxruntime threads running each model's batches (off the event loop); also its runs in flight."""
     port_file: Path | None
     """If set, the bound gRPC and metrics ports are written here as JSON once serving."""
 
@@ -103,8 +103,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", 65536),
         help="words waiting per model before RESOURCE_EXHAUSTED (env CHARRNN_MAX_QUEUE_WORDS)")
     add("--run-threads", type=int, default=_env(env, "CHARRNN_RUN_THREADS", 1),
-        help="onnxruntime threads running each model's batches, off the event loop; also the batches a model "
-             "may have running at once. Raise it where cores are to spare for a compute-heavy model; on a small "
+        help="onnxruntime threads running each model's batches, off the event loop; also the runs a model "
+             "may have going at once, batching on or off. Raise it where cores are to spare for a compute-heavy model; on a small "
              "machine one run at a time (bigger batches, a core left to the event loop) serves more "
              "(env CHARRNN_RUN_THREADS)")
     add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", None),

@@ -109,7 +109,7 @@ class Engine:
         self._runners: dict[str, Batcher | DirectRunner] = {
             name: Batcher(model, batching, observer, max_concurrent_runs=run_threads)
             if batching is not None
-            else DirectRunner(model, observer)
+            else DirectRunner(model, observer, max_concurrent_runs=run_threads)
             for name, model in models.items()
         }
 

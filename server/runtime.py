@@ -118,20 +118,29 @@ class ModelRuntime:
         done: RunDone,
     ) -> None:
         """Start run() on one of onnxruntime's own threads (session.run_async) and return at once; `done`
-        gets the outputs or the error on that thread. Errors in the inputs may raise here instead."""
+        gets the outputs or the error on that thread, exactly once. Errors in the inputs may raise here instead."""
+        feed = self._feed(encoded, h0, c0)
 
         def finished(results: list[npt.NDArray[np.float32]], _user_data: object, error: str) -> None:
-            if error:
-                done(None, RuntimeError(f"onnxruntime run failed: {error}"))
+            # Nothing may escape: onnxruntime calls this on its own thread, where a Python exception aborts
+            # the process.
+            try:
+                if error:
+                    raise RuntimeError(f"onnxruntime run failed: {error}")
+                outputs = _outputs(results)
+            except BaseException as failure:  # noqa: BLE001 - handed to the caller, see above
+                done(None, failure)
             else:
-                done(_outputs(results), None)
+                done(outputs, None)
 
-        self.session.run_async(None, self._feed(encoded, h0, c0), finished, None)
+        # The feed goes in as user_data too: the binding holds that until the callback, so the arrays
+        # onnxruntime reads (it does not copy them) outlive the run whatever else the binding keeps.
+        self.session.run_async(None, feed, finished, feed)
 
     def _feed(
         self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
     ) -> dict[str, npt.NDArray[np.generic]]:
-        feed = {
+        feed: dict[str, npt.NDArray[np.generic]] = {
             "x": one_hot_batch(encoded, self.manifest.input_size),
             "lengths": encoded.lengths,
             "h0": h0,

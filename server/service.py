@@ -215,7 +215,14 @@ class CharRnnService(pb_grpc.CharRnnServicer):
 def add_to_server(service: CharRnnService, server: grpc.aio.Server) -> None:
     """Register the service like the generated add_CharRnnServicer_to_server, except that Encode and
     EncodeStream responses are the wire bytes _response() wrote (see module doc)."""
-    handlers = {
+    handlers = method_handlers(service)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def method_handlers(service: CharRnnService) -> dict[str, grpc.RpcMethodHandler]:
+    """Every charrnn.v1.CharRnn method's handler, by method name."""
+    return {
         "Encode": grpc.unary_unary_rpc_method_handler(
             service.Encode, request_deserializer=pb.EncodeRequest.FromString, response_serializer=_wire_bytes
         ),
@@ -233,8 +240,6 @@ def add_to_server(service: CharRnnService, server: grpc.aio.Server) -> None:
             response_serializer=pb.ModelMetadata.SerializeToString,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _wire_bytes(response: bytes) -> bytes:
@@ -327,7 +332,7 @@ def _response(result: BatchResult, started: float, queue_seconds: Any) -> bytes:
         _append_results(result, parts)
         data = b"".join(parts)
     total_ms = (time.perf_counter() - started) * 1000.0
-    return bytes(data) + _TIMING.pack(_TIMING_HEAD, queue_ms, _INFERENCE, inference_ms, _TOTAL, total_ms)
+    return b"".join((data, _TIMING.pack(_TIMING_HEAD, queue_ms, _INFERENCE, inference_ms, _TOTAL, total_ms)))
 
 
 # Timing (field 5 of EncodeResponse): three doubles, written even when zero (parsers accept that).
@@ -456,7 +461,7 @@ def _append_results(result: BatchResult, parts: list[bytes | memoryview]) -> Non
             append(_RESULT + _len_prefix(len(record)))
             append(record)
             continue
-        length = next(good)
+        length: int = next(good)
         data = word.encode("utf-8")
         floats = length * step_bytes
         head = (

@@ -299,12 +299,14 @@ def test_a_run_refused_outright_fails_its_callers_and_frees_its_slot(
     model = RefusingRuntime(runtimes["rnn"].folder, "cpu")
     runner: Batcher | DirectRunner = Batcher(model, BatchSettings()) if batching else DirectRunner(model)
 
+    one_state = model.zero_state(1)
+
     async def scenario() -> None:
         runner.start()
         for _ in range(3):  # with one run slot, a leaked slot would hang the next request
             with pytest.raises(RuntimeError, match="refused outright"):
-                await asyncio.wait_for(runner.submit(model.alphabet.encode(["h" * POISON_LENGTH]), model.zero_state(1), None), 10)
-            outputs, _ = await asyncio.wait_for(runner.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None), 10)
+                await asyncio.wait_for(runner.submit(model.alphabet.encode(["h" * POISON_LENGTH]), one_state, None), 10)
+            outputs, _ = await asyncio.wait_for(runner.submit(model.alphabet.encode(["hello"]), one_state, None), 10)
             assert outputs.h_n.shape == (1, 1, 2)
         await asyncio.wait_for(runner.close(), 10)
 
@@ -334,6 +336,54 @@ def test_close_waits_for_runs_already_started(runtimes: dict[str, ModelRuntime],
         asyncio.run(scenario())
     finally:
         model.gate.set()
+
+
+def test_without_batching_runs_still_go_one_slot_at_a_time(runtimes: dict[str, ModelRuntime]) -> None:
+    model = GatedRuntime(runtimes["rnn"].folder)
+    runner = DirectRunner(model, max_concurrent_runs=1)
+
+    async def scenario() -> None:
+        runner.start()
+        first = asyncio.ensure_future(runner.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None))
+        second = asyncio.ensure_future(runner.submit(model.alphabet.encode(["he"]), model.zero_state(1), None))
+        await _until(model.entered)
+        await asyncio.sleep(0.05)
+        assert model.waiting == 1, "a second run was handed to onnxruntime while the only slot was taken"
+        model.gate.set()
+        a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert model.waiting == 2 and a[0].h_n.shape == b[0].h_n.shape == (1, 1, 2)
+        await runner.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.gate.set()
+
+
+def test_a_failure_while_splitting_results_reaches_the_callers_instead_of_hanging(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    model = runtimes["rnn"]
+    calls = []
+
+    def observer(name: str, words: int, seconds: float) -> None:
+        calls.append(words)
+        if len(calls) == 1:
+            raise RuntimeError("observer broke")
+
+    batcher = Batcher(model, BatchSettings(), observer)
+
+    async def scenario() -> None:
+        batcher.start()
+        with pytest.raises(RuntimeError, match="observer broke"):
+            await asyncio.wait_for(batcher.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None), 10)
+        again = batcher.submit(model.alphabet.encode(["he"]), model.zero_state(1), None)
+        outputs, _ = await asyncio.wait_for(again, 10)
+        assert outputs.h_n.shape == (1, 1, 2)
+        await asyncio.wait_for(batcher.close(), 10)
+
+    asyncio.run(scenario())
+    assert calls == [1, 1]
 
 
 def test_cancelled_callers_words_are_skipped(runtimes: dict[str, ModelRuntime]) -> None:

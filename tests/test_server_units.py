@@ -293,3 +293,20 @@ def test_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         parse_config(["--log-level", "verbose"], {})
     assert raised.value.code == 2
     assert "verbose" in capsys.readouterr().err
+
+
+def test_every_rpc_of_the_proto_is_registered_with_its_request_type() -> None:
+    from proto.charrnn.v1 import charrnn_pb2
+    from server.metrics import Metrics
+    from server.service import CharRnnService, method_handlers
+
+    handlers = method_handlers(CharRnnService(Metrics()))
+    methods = charrnn_pb2.DESCRIPTOR.services_by_name["CharRnn"].methods
+    assert sorted(handlers) == sorted(method.name for method in methods)
+    for method in methods:
+        handler = handlers[method.name]
+        assert (handler.request_streaming, handler.response_streaming) == (
+            method.client_streaming, method.server_streaming
+        ), method.name
+        request_type = getattr(charrnn_pb2, method.input_type.name)
+        assert handler.request_deserializer == request_type.FromString, method.name
