@@ -78,6 +78,8 @@ class Plan:
     stream: bool = True
     long_duration_s: float = 0.0
     """Duration for cells whose requests take long (1024 words on the large model)."""
+    target_repeats: int = 1
+    """Times each pair of cells a target compares is measured (the targets take the median ratio)."""
 
 
 FULL = Plan(
@@ -88,6 +90,7 @@ FULL = Plan(
     main_cells=tuple((c, w) for w in (1, 32, 1024) for c in (1, 8, 64)),
     large_cells=((1, 1), (8, 1), (64, 1), (1, 32), (8, 32), (64, 32), (1, 1024), (8, 1024)),
     long_duration_s=6.0,
+    target_repeats=3,
 )
 QUICK = Plan(
     duration_s=0.8,
@@ -117,6 +120,8 @@ class Cell:
     """CPU time of the serving process (all its threads) per request sent, warm-up included."""
     client_cpu_us: float | None = None
     """CPU time of the load generator per request sent (this process and its load processes)."""
+    repeat: int = 0
+    """0 for the main tables; 1, 2... for the repeated measurements of the targets' cells."""
 
 
 @dataclass(slots=True)
@@ -533,39 +538,77 @@ def run_cells(
     shapes += [(LARGE_MODEL, c, w) for c, w in plan.large_cells]
     rpcs = ("unary", "stream") if plan.stream else ("unary",)
     for model, concurrency, words in shapes:
-        long = model == LARGE_MODEL and words >= 1024
-        duration = plan.long_duration_s if long else plan.duration_s
         for rpc in rpcs:
             for batching in (True, False):
-                server = servers[batching]
-                before = batch_words_totals(server, model)
-                sampler.take_peak(server.name)
-                with _cpu_per_request(server.process.pid) as cpu:
-                    result = _load(server.target, model, concurrency, words, plan, rpc == "stream", processes,
-                                   duration_s=duration)
-                    server_cpu, client_cpu = cpu(result)
-                after = batch_words_totals(server, model)
-                runs = after[1] - before[1]
-                cell = Cell(
-                    "server", model, rpc, batching, concurrency, words, result.to_json(),
-                    avg_batch_words=(after[0] - before[0]) / runs if runs else None,
-                    peak_rss_mib=sampler.take_peak(server.name) / MIB,
-                    server_cpu_us=server_cpu, client_cpu_us=client_cpu,
-                )
-                report.cells.append(cell)
-                log(f"{model} {rpc} batching={'on' if batching else 'off'} c{concurrency} w{words}: "
-                    f"{result.requests_per_s:,.0f} req/s, {result.words_per_s:,.0f} words/s, "
-                    f"p50 {result.latency_ms['p50']:.2f} ms, errors {result.errors or 'none'}")
+                report.cells.append(_server_cell(servers, batching, model, rpc, concurrency, words, plan, processes,
+                                                 sampler))
             if model == MAIN_MODEL:
-                payload = response_bytes(servers[True], model, words)
-                with _cpu_per_request(echo.process.pid) as cpu:
-                    result = _load(echo.target, model, concurrency, words, plan, rpc == "stream", processes,
-                                   echo_bytes=payload)
-                    server_cpu, client_cpu = cpu(result)
-                report.cells.append(Cell("echo", model, rpc, None, concurrency, words, result.to_json(),
-                                         server_cpu_us=server_cpu, client_cpu_us=client_cpu))
-                log(f"echo {rpc} c{concurrency} w{words} ({payload} B): {result.requests_per_s:,.0f} req/s, "
-                    f"p50 {result.latency_ms['p50']:.2f} ms")
+                report.cells.append(_echo_cell(echo, servers[True], rpc, concurrency, words, plan, processes))
+
+
+TARGET_PAIRS = (
+    ("server", MAIN_MODEL, 1, 1), ("server", MAIN_MODEL, 64, 1), ("server", MAIN_MODEL, 64, 32),
+    ("batching", LARGE_MODEL, 64, 1),
+)
+"""The cells each target compares: our server (batching on) against the echo, or batching on against off."""
+
+
+def run_target_repeats(
+    report: Report, plan: Plan, servers: dict[bool, Subprocess], echo: Subprocess, sampler: RssSampler,
+    processes: int,
+) -> None:
+    """Measure the targets' pairs of cells again, plan.target_repeats - 1 times, alternating which side goes first."""
+    for repeat in range(1, plan.target_repeats):
+        for against, model, concurrency, words in TARGET_PAIRS:
+            for side in (0, 1) if repeat % 2 == 0 else (1, 0):
+                if side == 0:
+                    cell = _server_cell(servers, True, model, "unary", concurrency, words, plan, processes, sampler,
+                                        repeat)
+                elif against == "batching":
+                    cell = _server_cell(servers, False, model, "unary", concurrency, words, plan, processes, sampler,
+                                        repeat)
+                else:
+                    cell = _echo_cell(echo, servers[True], "unary", concurrency, words, plan, processes, repeat)
+                report.cells.append(cell)
+
+
+def _server_cell(
+    servers: dict[bool, Subprocess], batching: bool, model: str, rpc: str, concurrency: int, words: int, plan: Plan,
+    processes: int, sampler: RssSampler, repeat: int = 0,
+) -> Cell:
+    server = servers[batching]
+    duration = plan.long_duration_s if model == LARGE_MODEL and words >= 1024 else plan.duration_s
+    before = batch_words_totals(server, model)
+    sampler.take_peak(server.name)
+    with _cpu_per_request(server.process.pid) as cpu:
+        result = _load(server.target, model, concurrency, words, plan, rpc == "stream", processes, duration_s=duration)
+        server_cpu, client_cpu = cpu(result)
+    after = batch_words_totals(server, model)
+    runs = after[1] - before[1]
+    log(f"{model} {rpc} batching={'on' if batching else 'off'} c{concurrency} w{words}"
+        f"{f' (repeat {repeat})' if repeat else ''}: {result.requests_per_s:,.0f} req/s, "
+        f"{result.words_per_s:,.0f} words/s, p50 {result.latency_ms['p50']:.2f} ms, errors {result.errors or 'none'}")
+    return Cell(
+        "server", model, rpc, batching, concurrency, words, result.to_json(),
+        avg_batch_words=(after[0] - before[0]) / runs if runs else None,
+        peak_rss_mib=sampler.take_peak(server.name) / MIB,
+        server_cpu_us=server_cpu, client_cpu_us=client_cpu, repeat=repeat,
+    )
+
+
+def _echo_cell(
+    echo: Subprocess, server: Subprocess, rpc: str, concurrency: int, words: int, plan: Plan, processes: int,
+    repeat: int = 0,
+) -> Cell:
+    payload = response_bytes(server, MAIN_MODEL, words)
+    with _cpu_per_request(echo.process.pid) as cpu:
+        result = _load(echo.target, MAIN_MODEL, concurrency, words, plan, rpc == "stream", processes,
+                       echo_bytes=payload)
+        server_cpu, client_cpu = cpu(result)
+    log(f"echo {rpc} c{concurrency} w{words} ({payload} B){f' (repeat {repeat})' if repeat else ''}: "
+        f"{result.requests_per_s:,.0f} req/s, p50 {result.latency_ms['p50']:.2f} ms")
+    return Cell("echo", MAIN_MODEL, rpc, None, concurrency, words, result.to_json(),
+                server_cpu_us=server_cpu, client_cpu_us=client_cpu, repeat=repeat)
 
 
 TUNING_VARIANTS = (
@@ -642,22 +685,29 @@ def evaluate(report: Report) -> list[Check]:
                             *(bound or (None, ""))))
 
     cores = int(report.machine.get("affinity") or os.cpu_count() or 1)
-    server, echo = _find(report, concurrency=1, words=1, **on), _find(report, target="echo", rpc="unary", concurrency=1, words=1)
-    if server and echo:
+
+    def echo_of(concurrency: int, words: int) -> dict[str, Any]:
+        return {"target": "echo", "rpc": "unary", "concurrency": concurrency, "words": words}
+
+    pairs = _pairs(report, {**on, "concurrency": 1, "words": 1}, echo_of(1, 1))
+    if pairs:
+        (server, echo), ratio, ratios = _median(pairs, lambda a, b: a.result["latency_ms"]["p50"] / b.result["latency_ms"]["p50"])
         s, e = server.result["latency_ms"]["p50"], echo.result["latency_ms"]["p50"]
-        add("1 word, concurrency 1: latency", f"server p50 {s:.3f} ms / echo p50 {e:.3f} ms", s / e, "<= 1.5",
-            lambda r: r <= 1.5, _latency_floor(report, e))
-    server, echo = _find(report, concurrency=64, words=1, **on), _find(report, target="echo", rpc="unary", concurrency=64, words=1)
-    if server and echo:
+        add("1 word, concurrency 1: latency", f"server p50 {s:.3f} ms / echo p50 {e:.3f} ms{_spread(ratios)}", ratio,
+            "<= 1.5", lambda r: r <= 1.5, _latency_floor(report, e))
+    pairs = _pairs(report, {**on, "concurrency": 64, "words": 1}, echo_of(64, 1))
+    if pairs:
+        (server, echo), ratio, ratios = _median(pairs, lambda a, b: a.result["words_per_s"] / b.result["requests_per_s"])
         s, e = server.result["words_per_s"], echo.result["requests_per_s"]
-        add("1 word, concurrency 64: throughput", f"server {s:,.0f} words/s / echo {e:,.0f} req/s", s / e, ">= 0.9",
-            lambda r: r >= 0.9, _cpu_ceiling(report, echo, 64, 1, cores))
-    server, echo = _find(report, concurrency=64, words=32, **on), _find(report, target="echo", rpc="unary", concurrency=64, words=32)
-    if server and echo:
+        add("1 word, concurrency 64: throughput", f"server {s:,.0f} words/s / echo {e:,.0f} req/s{_spread(ratios)}",
+            ratio, ">= 0.9", lambda r: r >= 0.9, _cpu_ceiling(report, pairs[0][1], 64, 1, cores))
+    pairs = _pairs(report, {**on, "concurrency": 64, "words": 32}, echo_of(64, 32))
+    if pairs:
+        (server, echo), ratio, ratios = _median(pairs, lambda a, b: a.result["words_per_s"] / b.result["words_per_s"])
         s, e = server.result["words_per_s"], echo.result["words_per_s"]
         add("32 words, concurrency 64: throughput", f"server {s:,.0f} words/s / echo {e:,.0f} words/s "
-            f"({echo.result['response_bytes']:,} B responses)", s / e, ">= 0.8", lambda r: r >= 0.8,
-            _cpu_ceiling(report, echo, 64, 32, cores))
+            f"({echo.result['response_bytes']:,} B responses){_spread(ratios)}", ratio, ">= 0.8", lambda r: r >= 0.8,
+            _cpu_ceiling(report, pairs[0][1], 64, 32, cores))
     limit = _inprocess(report, MAIN_MODEL, 1024)
     candidates = [
         cell for cell in report.cells
@@ -669,18 +719,21 @@ def evaluate(report: Report) -> list[Check]:
         s = best.result["words_per_s"]
         add("1024 words, concurrency 8: vs in-process", f"server ({best.rpc}) {s:,.0f} words/s / in-process batch "
             f"1024 {limit:,.0f} words/s", s / limit, ">= 0.6", lambda r: r >= 0.6)
-    large_on = _find(report, target="server", model=LARGE_MODEL, rpc="unary", batching=True, concurrency=64, words=1)
-    large_off = _find(report, target="server", model=LARGE_MODEL, rpc="unary", batching=False, concurrency=64, words=1)
-    small_on = _find(report, concurrency=64, words=1, **on)
-    if large_on and large_off:
+    large = {"target": "server", "model": LARGE_MODEL, "rpc": "unary", "concurrency": 64, "words": 1}
+    pairs = _pairs(report, {**large, "batching": True}, {**large, "batching": False})
+    if pairs:
+        (large_on, large_off), ratio, ratios = _median(
+            pairs, lambda a, b: a.result["words_per_s"] / b.result["words_per_s"] if b.result["words_per_s"] else math.nan
+        )
         a, b = large_on.result["words_per_s"], large_off.result["words_per_s"]
+        small = sorted(cell.result["words_per_s"] for cell in report.cells if _matches(cell, {**on, "concurrency": 64, "words": 1}))
         bound = None
-        if small_on and b:
-            small = small_on.result["words_per_s"]
-            bound = (small / b, f"{MAIN_MODEL} (compute next to nothing) batching on {small:,.0f} words/s / "
-                                f"{LARGE_MODEL} off {b:,.0f}")
-        add("large model, 1 word, concurrency 64: batching", f"on {a:,.0f} / off {b:,.0f} words/s", a / b if b else None,
-            ">= 2", lambda r: r >= 2, bound)
+        if small and b:
+            fastest = small[len(small) // 2]
+            bound = (fastest / b, f"{MAIN_MODEL} (compute next to nothing) batching on {fastest:,.0f} words/s / "
+                                  f"{LARGE_MODEL} off {b:,.0f}")
+        add("large model, 1 word, concurrency 64: batching", f"on {a:,.0f} / off {b:,.0f} words/s{_spread(ratios)}",
+            ratio, ">= 2", lambda r: r >= 2, bound)
     memory = report.memory.get("batching on")
     if memory:
         add("idle RSS", f"{memory['idle_mib']:.0f} MiB", memory["idle_mib"] / 150, "<= 1 (150 MiB)", lambda r: r <= 1)
@@ -688,6 +741,36 @@ def evaluate(report: Report) -> list[Check]:
             f"/ idle {memory['idle_mib']:.0f} MiB", memory["peak_main_mib"] / memory["idle_mib"], "<= 1.5",
             lambda r: r <= 1.5)
     return checks
+
+
+def _matches(cell: Cell, match: dict[str, Any]) -> bool:
+    return all(getattr(cell, key) == value for key, value in match.items())
+
+
+def _pairs(report: Report, first: dict[str, Any], second: dict[str, Any]) -> list[tuple[Cell, Cell]]:
+    """The (first, second) cells measured in each repeat, in repeat order."""
+    pairs = []
+    for repeat in sorted({cell.repeat for cell in report.cells}):
+        a = _find(report, repeat=repeat, **first)
+        b = _find(report, repeat=repeat, **second)
+        if a is not None and b is not None:
+            pairs.append((a, b))
+    return pairs
+
+
+def _median(
+    pairs: list[tuple[Cell, Cell]], ratio: Callable[[Cell, Cell], float]
+) -> tuple[tuple[Cell, Cell], float, list[float]]:
+    """The pair whose ratio is the median (the lower middle for an even count), that ratio, and every ratio."""
+    ratios = [ratio(a, b) for a, b in pairs]
+    middle = sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]
+    return pairs[middle], ratios[middle], ratios
+
+
+def _spread(ratios: list[float]) -> str:
+    if len(ratios) < 2:
+        return ""
+    return f"; median of {len(ratios)} repeats: {', '.join(f'{r:.2f}' for r in ratios)}"
 
 
 def _handler_row(report: Report, concurrency: int, words: int) -> dict[str, Any] | None:
@@ -754,6 +837,10 @@ def render(report: Report, checks: list[Check]) -> str:
         "",
         "## Targets",
         "",
+        f"Each target's pair of cells is measured {report.plan.get('target_repeats', 1)} time(s): once in the "
+        "tables below, then again, alternating which side goes first; the ratio is the median, and the "
+        "figures shown are that repeat's.",
+        "",
         "| target | measured | ratio | goal | result | best ratio this machine allows (estimate; see Ceilings) |",
         "|---|---|---:|---|---|---|",
     ]
@@ -802,7 +889,7 @@ def render(report: Report, checks: list[Check]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in report.cells:
-        if cell.target == "echo":
+        if cell.target == "echo" and cell.repeat == 0:
             r = cell.result
             lines.append(f"| {cell.rpc} | {cell.concurrency} | {cell.words} | {r['response_bytes']:,} | "
                          f"{r['requests_per_s']:,.0f} | {r['words_per_s']:,.0f} | {r['latency_ms']['p50']:.3f} | "
@@ -820,7 +907,7 @@ def render(report: Report, checks: list[Check]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for cell in report.cells:
-            if cell.target != "server" or cell.model != model:
+            if cell.target != "server" or cell.model != model or cell.repeat:
                 continue
             r = cell.result
             errors = ", ".join(f"{count} {code}" for code, count in r["errors"].items()) or "-"
@@ -943,6 +1030,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-processes", type=int, default=1, help="load-generator processes per cell")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming cells")
     parser.add_argument("--no-tuning", action="store_true", help="skip the side-by-side batching-knob servers")
+    parser.add_argument("--target-repeats", type=int, default=None,
+                        help="measure each target's pair of cells this many times (default: 3, 1 with --quick)")
     return parser
 
 
@@ -952,6 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.no_stream:
         plan = Plan(**{**asdict(plan), "stream": False})
+    if args.target_repeats is not None:
+        plan = Plan(**{**asdict(plan), "target_repeats": max(1, args.target_repeats)})
     command = "python -m clients.benchmark " + " ".join(shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv))
     started = time.monotonic()
     report = Report(
@@ -979,6 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sampler = RssSampler({server.name: server.process.pid for server in servers.values()})
             try:
                 run_cells(report, plan, servers, echo, sampler, args.client_processes)
+                run_target_repeats(report, plan, servers, echo, sampler, args.client_processes)
             finally:
                 sampler.close()
             for batching, server in servers.items():

@@ -108,6 +108,18 @@ def test_ratios_and_bounds_come_from_the_cells() -> None:
     assert checks["RSS under load / idle"].ratio == pytest.approx(1.2)
 
 
+def test_a_target_measured_in_repeats_takes_the_median_ratio() -> None:
+    cells = []
+    for repeat, (ours, theirs) in enumerate([(2000, 4000), (3600, 4000), (3000, 4000)]):
+        cells += [server(MAIN_MODEL, True, 64, 1, ours), echo(64, 1, theirs, 15.0, 250, 200)]
+        cells[-2].repeat = cells[-1].repeat = repeat
+    report = report_with(cells, HANDLER)
+    check = checks_by_name(report)["1 word, concurrency 64"]
+    assert check.ratio == pytest.approx(0.75)  # of 0.5, 0.9 and 0.75
+    assert "server 3,000 words/s / echo 4,000 req/s; median of 3 repeats: 0.50, 0.90, 0.75" in check.detail
+    assert render(report, evaluate(report)).count("| unary | on | 64 | 1 |") == 1  # repeats stay out of the tables
+
+
 def test_no_cpu_bound_is_claimed_when_the_echo_left_cores_idle() -> None:
     cells = [server(MAIN_MODEL, True, 64, 1, 3000), echo(64, 1, 1000, 15.0, 250, 200)]  # 0.45 of 2 cores
     check = checks_by_name(report_with(cells, HANDLER))["1 word, concurrency 64"]
