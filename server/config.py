@@ -104,8 +104,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="words waiting per model before RESOURCE_EXHAUSTED (env CHARRNN_MAX_QUEUE_WORDS)")
     add("--run-threads", type=int, default=_env(env, "CHARRNN_RUN_THREADS", 1),
         help="onnxruntime threads running each model's batches, off the event loop; also the runs a model "
-             "may have going at once, batching on or off. Raise it where cores are to spare for a compute-heavy model; on a small "
-             "machine one run at a time (bigger batches, a core left to the event loop) serves more "
+             "may have going at once, batching on or off. One run at a time (bigger batches, a core left to the "
+             "event loop) serves small models best; raise it for compute-bound models where cores are to spare "
              "(env CHARRNN_RUN_THREADS)")
     add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", None),
         help="write the bound ports here as JSON once serving (env CHARRNN_PORT_FILE)")
