@@ -317,11 +317,7 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
 def _response(result: BatchResult, started: float, queue_seconds: Any) -> bytes:
     """The EncodeResponse for a request, serialised by hand in one pass (see module doc)."""
     manifest = result.model.manifest
-    header = (
-        _string_field(_MODEL, manifest.name)
-        + (_HIDDEN_SIZE + _varint(manifest.hidden_size) if manifest.hidden_size else b"")
-        + (_NUM_LAYERS + _varint(manifest.num_layers) if manifest.num_layers else b"")
-    )
+    header = _header(manifest.name, manifest.hidden_size, manifest.num_layers)
     queue_ms = inference_ms = 0.0
     if result.stats is not None:
         queue_seconds.observe(result.stats.queue_s)
@@ -333,6 +329,16 @@ def _response(result: BatchResult, started: float, queue_seconds: Any) -> bytes:
         data = b"".join(parts)
     total_ms = (time.perf_counter() - started) * 1000.0
     return b"".join((data, _TIMING.pack(_TIMING_HEAD, queue_ms, _INFERENCE, inference_ms, _TOTAL, total_ms)))
+
+
+@functools.lru_cache(maxsize=256)
+def _header(model: str, hidden_size: int, num_layers: int) -> bytes:
+    """EncodeResponse fields 1-3, the same for every response of a model: written once per model."""
+    return (
+        _string_field(_MODEL, model)
+        + (_HIDDEN_SIZE + _varint(hidden_size) if hidden_size else b"")
+        + (_NUM_LAYERS + _varint(num_layers) if num_layers else b"")
+    )
 
 
 # Timing (field 5 of EncodeResponse): three doubles, written even when zero (parsers accept that).
