@@ -10,6 +10,7 @@ still runs the real session for everything it lets through. One test drives a re
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import statistics
 import threading
@@ -30,7 +31,7 @@ from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.trace import PARITY_TOLERANCE, eager_word
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from server.alphabet import EncodedWords
-from server.batcher import Batcher, BatchSettings, DirectRunner
+from server.batcher import Batcher, BatchSettings, DirectRunner, RunStats
 from server.engine import Engine, EncodeResult, InitialState, Limits, WordEncoding
 from server.errors import InvalidWordError, OverloadedError, ShuttingDownError
 from server.metrics import Metrics
@@ -249,14 +250,18 @@ async def _until(condition: threading.Event) -> None:
         await asyncio.sleep(0.001)
 
 
+def start_submit(
+    runner: Batcher | DirectRunner, model: ModelRuntime, words: list[str]
+) -> asyncio.Future[tuple[BatchOutputs, RunStats]]:
+    """Submit words (fresh states) as a task of their own, so a test can hold several in flight."""
+    return asyncio.ensure_future(runner.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
+
+
 def test_a_full_queue_answers_overloaded_instead_of_hanging(runtimes: dict[str, ModelRuntime]) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
     batcher = Batcher(model, BatchSettings(max_batch_words=4, max_queue_words=6))
 
-    def submit(words: list[str]) -> asyncio.Future[tuple[BatchOutputs, object]]:
-        encoded = model.alphabet.encode(words)
-        h0 = model.zero_state(len(words))
-        return asyncio.ensure_future(batcher.submit(encoded, h0, None))
+    submit = functools.partial(start_submit, batcher, model)
 
     async def scenario() -> None:
         batcher.start()
@@ -320,7 +325,7 @@ def test_close_waits_for_runs_already_started(runtimes: dict[str, ModelRuntime],
 
     async def scenario() -> None:
         runner.start()
-        running = asyncio.ensure_future(runner.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None))
+        running = start_submit(runner, model, ["hello"])
         await _until(model.entered)
         closing = asyncio.ensure_future(runner.close())
         await asyncio.sleep(0.05)
@@ -344,8 +349,8 @@ def test_without_batching_runs_still_go_one_slot_at_a_time(runtimes: dict[str, M
 
     async def scenario() -> None:
         runner.start()
-        first = asyncio.ensure_future(runner.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None))
-        second = asyncio.ensure_future(runner.submit(model.alphabet.encode(["he"]), model.zero_state(1), None))
+        first = start_submit(runner, model, ["hello"])
+        second = start_submit(runner, model, ["he"])
         await _until(model.entered)
         await asyncio.sleep(0.05)
         assert model.waiting == 1, "a second run was handed to onnxruntime while the only slot was taken"
@@ -391,8 +396,7 @@ def test_cancelled_callers_words_are_skipped(runtimes: dict[str, ModelRuntime]) 
     recorder = Recorder()
     batcher = Batcher(model, BatchSettings(max_batch_words=100), recorder)
 
-    def submit(words: list[str]) -> asyncio.Task[tuple[BatchOutputs, object]]:
-        return asyncio.ensure_future(batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
+    submit = functools.partial(start_submit, batcher, model)
 
     async def scenario() -> None:
         batcher.start()
@@ -420,8 +424,7 @@ def test_batches_run_side_by_side_up_to_the_limit_then_merge(runtimes: dict[str,
     recorder = Recorder()
     batcher = Batcher(model, BatchSettings(max_batch_words=100), recorder, max_concurrent_runs=2)
 
-    def submit(words: list[str]) -> asyncio.Task[tuple[BatchOutputs, object]]:
-        return asyncio.ensure_future(batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
+    submit = functools.partial(start_submit, batcher, model)
 
     async def scenario() -> None:
         batcher.start()
