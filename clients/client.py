@@ -282,11 +282,14 @@ class AsyncCharRnnClient:
         """Encode words with a model; one Encoding per word, in order."""
         request = build_request(model, words, states, report_invalid)
         if states is not None and any(state is None for state in states):
-            if model not in self._shapes:
-                metadata = await self.model(model, timeout=timeout)
-                self._shapes[model] = (metadata.num_layers, metadata.hidden_size)
-            _fill_missing_states(request, *self._shapes[model])
+            _fill_missing_states(request, *await self._shape(model, timeout))
         return parse_response(await self._call(self._stub.Encode, request, timeout))
+
+    async def _shape(self, model: str, timeout: float | None) -> tuple[int, int]:
+        if model not in self._shapes:
+            metadata = await self.model(model, timeout=timeout)
+            self._shapes[model] = (metadata.num_layers, metadata.hidden_size)
+        return self._shapes[model]
 
     async def models(self, *, timeout: float | None = None) -> list[pb.ModelMetadata]:
         """Metadata of every model the server has loaded."""
