@@ -32,7 +32,6 @@ import os
 import platform
 import resource
 import shlex
-import signal
 import string
 import subprocess
 import sys
@@ -52,6 +51,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.loadgen import LoadConfig, LoadResult, build_request_pool, fetch_alphabet, run_load
+from clients.processes import ServerProcess, spawn
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
@@ -337,48 +337,9 @@ def measure_handler(
 # ------------------------------------------------------------------------------------------------ processes
 
 
-@dataclass
-class Subprocess:
-    """A server started for the benchmark."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int | None
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _spawn(name: str, command: list[str], port_file: Path, log_path: Path, timeout_s: float = 120.0) -> Subprocess:
-    with log_path.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
-    while not port_file.exists() or not port_file.read_text():
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError(f"{name} did not start in {timeout_s} s:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    ports = json.loads(port_file.read_text())
-    return Subprocess(name, process, int(ports["port"]), ports.get("metrics_port"), log_path)
-
-
 def start_server(
     name: str, repository: Path, folder: Path, device: str, batching: bool, extra: Sequence[str]
-) -> Subprocess:
+) -> ServerProcess:
     """charrnn-server on a free port, waited for until its health service says SERVING."""
     port_file = folder / f"{name}.ports.json"
     command = [
@@ -386,7 +347,7 @@ def start_server(
         "--metrics-port", "0", "--port-file", str(port_file), "--device", device, "--log-level", "WARNING",
         "--batching" if batching else "--no-batching", *extra,
     ]
-    server = _spawn(name, command, port_file, folder / f"{name}.log")
+    server = spawn(name, command, port_file, folder / f"{name}.log", timeout=120.0)
     with grpc.insecure_channel(server.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=120)
     if status.status != health_pb2.HealthCheckResponse.SERVING:
@@ -394,14 +355,14 @@ def start_server(
     return server
 
 
-def start_echo(folder: Path) -> Subprocess:
+def start_echo(folder: Path) -> ServerProcess:
     """The echo service of charrnn-loadgen --serve-echo."""
     port_file = folder / "echo.ports.json"
     command = [sys.executable, "-m", "clients.loadgen", "--serve-echo", "--port-file", str(port_file)]
-    return _spawn("echo", command, port_file, folder / "echo.log")
+    return spawn("echo", command, port_file, folder / "echo.log", timeout=120.0)
 
 
-def providers_of(server: Subprocess) -> dict[str, str]:
+def providers_of(server: ServerProcess) -> dict[str, str]:
     """Each model's execution provider, as the server reports it (the one actually running)."""
     with grpc.insecure_channel(server.target) as channel:
         models = pb_grpc.CharRnnStub(channel).ListModels(pb.ListModelsRequest(), timeout=30).models
@@ -456,7 +417,7 @@ def hwm_mib(pid: int) -> float | None:
     return None
 
 
-def batch_words_totals(server: Subprocess, model: str) -> tuple[float, float]:
+def batch_words_totals(server: ServerProcess, model: str) -> tuple[float, float]:
     """(sum, count) of charrnn_batch_words for a model, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
     import urllib.request
@@ -521,7 +482,7 @@ def _load(target: str, model: str, concurrency: int, words: int, plan: Plan, str
     )
 
 
-def response_bytes(server: Subprocess, model: str, words: int) -> int:
+def response_bytes(server: ServerProcess, model: str, words: int) -> int:
     """Size of the server's response to the load generator's first request of that shape."""
     request = build_request_pool(model, fetch_alphabet(server.target, model), words, WORD_LENGTH)[0]
     with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 256 * MIB)]) as channel:
@@ -530,7 +491,7 @@ def response_bytes(server: Subprocess, model: str, words: int) -> int:
 
 
 def run_cells(
-    report: Report, plan: Plan, servers: dict[bool, Subprocess], echo: Subprocess, sampler: RssSampler,
+    report: Report, plan: Plan, servers: dict[bool, ServerProcess], echo: ServerProcess, sampler: RssSampler,
     processes: int,
 ) -> None:
     """Every load cell, interleaved per shape (server batching on, off, then echo) so they share conditions."""
@@ -554,7 +515,7 @@ TARGET_PAIRS = (
 
 
 def run_target_repeats(
-    report: Report, plan: Plan, servers: dict[bool, Subprocess], echo: Subprocess, sampler: RssSampler,
+    report: Report, plan: Plan, servers: dict[bool, ServerProcess], echo: ServerProcess, sampler: RssSampler,
     processes: int,
 ) -> None:
     """Measure the targets' pairs of cells again, plan.target_repeats - 1 times, alternating which side goes first."""
@@ -573,7 +534,7 @@ def run_target_repeats(
 
 
 def _server_cell(
-    servers: dict[bool, Subprocess], batching: bool, model: str, rpc: str, concurrency: int, words: int, plan: Plan,
+    servers: dict[bool, ServerProcess], batching: bool, model: str, rpc: str, concurrency: int, words: int, plan: Plan,
     processes: int, sampler: RssSampler, repeat: int = 0,
 ) -> Cell:
     server = servers[batching]
@@ -597,7 +558,7 @@ def _server_cell(
 
 
 def _echo_cell(
-    echo: Subprocess, server: Subprocess, rpc: str, concurrency: int, words: int, plan: Plan, processes: int,
+    echo: ServerProcess, server: ServerProcess, rpc: str, concurrency: int, words: int, plan: Plan, processes: int,
     repeat: int = 0,
 ) -> Cell:
     payload = response_bytes(server, MAIN_MODEL, words)
@@ -643,7 +604,7 @@ def run_tuning(
                 log(f"tuning {' '.join(flags)}: {model} c{concurrency} w{words}: {result.words_per_s:,.0f} words/s, "
                     f"p50 {result.latency_ms['p50']:.2f} ms")
         finally:
-            server.stop()
+            server.stop_or_kill()
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -1113,8 +1074,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextmanager
 def _servers(
     repository: Path, folder: Path, device: str, extra: Sequence[str]
-) -> Iterator[tuple[dict[bool, Subprocess], Subprocess]]:
-    started: list[Subprocess] = []
+) -> Iterator[tuple[dict[bool, ServerProcess], ServerProcess]]:
+    started: list[ServerProcess] = []
     try:
         servers = {}
         for batching in (True, False):
@@ -1127,7 +1088,7 @@ def _servers(
         yield servers, echo
     finally:
         for process in started:
-            process.stop()
+            process.stop_or_kill()
 
 
 if __name__ == "__main__":

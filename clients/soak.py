@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output, _ = load.communicate()
             result = json.loads(output)
         finally:
-            server.stop()
+            server.stop_or_kill()
 
     times = np.array([t for t, _ in samples])
     rss = np.array([r for _, r in samples])

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import string
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.processes import ServerProcess, spawn
 from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.repository import export_model
 
@@ -59,31 +55,6 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, large_checkpoint:
     return repository
 
 
-@dataclass
-class ServerProcess:
-    """A charrnn-server started as users start it, on 127.0.0.1 and a port of its own choosing."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int | None
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        """host:port to dial."""
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        """Everything the server has written to stdout/stderr so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then wait for the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-
 def console_script(name: str) -> str:
     """Path of one of the project's console scripts, installed beside this interpreter."""
     path = Path(sys.executable).with_name(name)
@@ -96,23 +67,11 @@ def start_server(
 ) -> ServerProcess:
     """Start charrnn-server in a subprocess and wait until its health service reports SERVING."""
     port_file = tmp_path / f"ports-{time.monotonic_ns()}.json"
-    log_path = port_file.with_suffix(".log")
     command = [
         console_script("charrnn-server"), "--repository", str(repository), "--address", "127.0.0.1",
         "--port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra_args,
     ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + timeout
-    while not port_file.exists() or not port_file.read_text():
-        if process.poll() is not None:
-            raise RuntimeError(f"charrnn-server exited with {process.returncode}:\n{log_path.read_text()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError(f"charrnn-server did not start in {timeout} s:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    ports = json.loads(port_file.read_text())
-    server = ServerProcess(process, ports["port"], ports["metrics_port"], log_path)
+    server = spawn("charrnn-server", command, port_file, port_file.with_suffix(".log"), timeout, env)
     with grpc.insecure_channel(server.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
     assert status.status == health_pb2.HealthCheckResponse.SERVING, status

@@ -4,19 +4,18 @@ against the server's own charrnn_requests_total."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ServerProcess, console_script, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.loadgen import LoadConfig, run_load
-from conftest import ServerProcess, console_script, start_server
+from clients.processes import spawn
 
 LATENCY_FIELDS = ("p50", "p90", "p99", "mean", "max")
 FIELDS = (
@@ -118,16 +117,10 @@ def test_unknown_model_is_a_clear_error(own_server: ServerProcess) -> None:
 
 def test_echo_server_answers_with_the_payload_size_asked_for(tmp_path: Path) -> None:
     port_file = tmp_path / "echo.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "clients.loadgen", "--serve-echo", "--port-file", str(port_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "clients.loadgen", "--serve-echo", "--port-file", str(port_file)]
+    echo = spawn("echo", command, port_file, tmp_path / "echo.log", timeout=30)
     try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, "the echo server did not start"
-            time.sleep(0.05)
-        target = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+        target = echo.target
         for stream in (False, True):
             report = run_load(
                 LoadConfig(target, "lstm", concurrency=3, words_per_request=5, requests=60, warmup_s=0,
@@ -136,5 +129,4 @@ def test_echo_server_answers_with_the_payload_size_asked_for(tmp_path: Path) -> 
             assert report.mode == ("echo-stream" if stream else "echo")
             assert report.requests == 60 and report.errors == {} and report.response_bytes == 1234
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        assert echo.stop() == 0, echo.log()
