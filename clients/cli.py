@@ -15,7 +15,9 @@ Exit status:
     2  the server rejected the request: INVALID_ARGUMENT (bad word, no words) or NOT_FOUND (unknown model);
        also a bad command line (argparse)
     130 interrupted (Ctrl-C)
-An RPC error is reported on stderr as `charrnn: error: <CODE>: <server message>`, without a traceback.
+An RPC error is reported on stderr as `charrnn: error: <CODE> (<REASON>): <server message>`, without a
+traceback; the reason (the server's ErrorInfo reason, e.g. WORD_NOT_IN_ALPHABET) is left out when the error
+did not come from the server's handlers (unreachable server, client-side deadline, health service).
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
 from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding
-from proto.charrnn.v1 import charrnn_pb2 as pb
+from clients.errors import is_request_error
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "CHARRNN_TARGET"
@@ -42,8 +43,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_REQUEST = 2
 EXIT_INTERRUPTED = 130
-
-_BAD_REQUEST_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,22 +129,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def model_record(metadata: pb.ModelMetadata) -> dict[str, Any]:
-    """A model's metadata as plain JSON values."""
-    return {
-        "name": metadata.name,
-        "kind": metadata.kind,
-        "input_size": metadata.input_size,
-        "hidden_size": metadata.hidden_size,
-        "num_layers": metadata.num_layers,
-        "nonlinearity": metadata.nonlinearity or None,
-        "alphabet": metadata.alphabet,
-        "execution_provider": metadata.execution_provider,
-        "max_word_length": metadata.max_word_length,
-        "artifact_sha256": dict(sorted(metadata.artifact_sha256.items())),
-    }
-
-
 # ---- commands ---------------------------------------------------------------------------------------------------
 
 
@@ -162,7 +145,7 @@ def _encode(client: CharRnnClient, args: argparse.Namespace) -> int:
 def _models(client: CharRnnClient, args: argparse.Namespace) -> int:
     models = client.models()
     if args.json:
-        print(json.dumps({"models": [model_record(model) for model in models]}))
+        print(json.dumps({"models": [model.to_json() for model in models]}))
         return EXIT_OK
     header = ("NAME", "KIND", "INPUT", "HIDDEN", "LAYERS", "ALPHABET", "PROVIDER")
     rows = [
@@ -184,7 +167,13 @@ _COMMANDS = {"encode": _encode, "models": _models, "health": _health}
 
 def exit_code(error: CharRnnError) -> int:
     """2 when the server rejected the request itself (INVALID_ARGUMENT, NOT_FOUND), 1 for any other failure."""
-    return EXIT_BAD_REQUEST if error.code in _BAD_REQUEST_CODES else EXIT_FAILURE
+    return EXIT_BAD_REQUEST if is_request_error(error.code) else EXIT_FAILURE
+
+
+def error_line(error: CharRnnError) -> str:
+    """The one stderr line for a failed RPC: code, the server's reason if it sent one, and its message."""
+    reason = f" ({error.reason})" if error.reason else ""
+    return f"charrnn: error: {error.code.name}{reason}: {error.details}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         with CharRnnClient(args.target, timeout=args.timeout) as client:
             return _COMMANDS[args.command](client, args)
     except CharRnnError as error:
-        print(f"charrnn: error: {error.code.name}: {error.details}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return exit_code(error)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -1,9 +1,15 @@
-"""Python client for the charrnn.v1 service: numpy arrays per word, typed errors, retries only on UNAVAILABLE."""
+"""Python client for the charrnn.v1 service: numpy arrays per word, typed errors, retries only on UNAVAILABLE.
+
+CharRnnClient (blocking) and AsyncCharRnnClient (asyncio) are thin: each RPC is one line of I/O (`stub.X(...)`
+or `await stub.X(...)`) between request building and response parsing they share in _ClientCore. Callers see
+the library's own values (Encoding, State, ModelInfo, EncodeRequest) and errors (clients/errors.py), never
+protobuf messages or raw grpc errors.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -13,6 +19,16 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.errors import (  # noqa: F401 - re-exported: the library's errors
+    CharRnnError,
+    DeadlineExceededError,
+    ErrorDetails,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    error_from_rpc,
+)
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
@@ -48,49 +64,7 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     ]
 
 
-class CharRnnError(Exception):
-    """An RPC failed; `code` is the gRPC status, `details` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-class ModelNotFoundError(CharRnnError):
-    """NOT_FOUND: the server has no model of that name."""
-
-
-class InvalidArgumentError(CharRnnError):
-    """INVALID_ARGUMENT: a bad word, an empty request, or states of the wrong shape."""
-
-
-class ResourceExhaustedError(CharRnnError):
-    """RESOURCE_EXHAUSTED: too many words, too large a message, or the server's queue is full."""
-
-
-class UnavailableError(CharRnnError):
-    """UNAVAILABLE: the server is down, starting, draining, or unreachable (after retries)."""
-
-
-class DeadlineExceededError(CharRnnError):
-    """DEADLINE_EXCEEDED: the call's timeout passed."""
-
-
-_ERRORS: dict[grpc.StatusCode, type[CharRnnError]] = {
-    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-}
-
-
-def error_from_rpc(error: grpc.RpcError) -> CharRnnError:
-    """The typed exception for a failed RPC."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    details: str = error.details() or ""  # type: ignore[attr-defined]
-    return _ERRORS.get(code, CharRnnError)(code, details)
+# ---- values -----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +100,69 @@ class Encoding:
         return record
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model's metadata (ListModels, GetModel)."""
+
+    name: str
+    kind: str
+    """rnn, lstm or gru."""
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    nonlinearity: str | None
+    """tanh or relu for an rnn; None for the others."""
+    alphabet: str
+    """One-hot order: alphabet[i] is input i."""
+    execution_provider: str
+    """The onnxruntime provider actually running the model."""
+    max_word_length: int
+    artifact_sha256: dict[str, str]
+    """File name -> SHA-256 of each of the model's artifacts."""
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        """(num_layers, hidden_size): the shape of a State's hidden (and cell) array."""
+        return self.num_layers, self.hidden_size
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as plain JSON values (what `charrnn models --json` prints)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "nonlinearity": self.nonlinearity,
+            "alphabet": self.alphabet,
+            "execution_provider": self.execution_provider,
+            "max_word_length": self.max_word_length,
+            "artifact_sha256": dict(sorted(self.artifact_sha256.items())),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeRequest:
+    """One request of a stream (encode_stream): words for a model, optionally a starting state per word."""
+
+    model: str
+    words: Sequence[str]
+    states: Sequence[State | None] | None = None
+    """One per word (None: start that word from zeros), or None: every word starts from zeros."""
+    report_invalid: bool = True
+    """Report a bad word in its own Encoding (the stream's default) instead of failing the whole stream."""
+
+
+# ---- wire format ------------------------------------------------------------------------------------------------
+
+
 def build_request(
     model: str,
     words: Sequence[str],
     states: Sequence[State | None] | None = None,
     report_invalid: bool | None = None,
 ) -> pb.EncodeRequest:
-    """An EncodeRequest; states, if given, are one per word (None for a fresh start)."""
+    """An EncodeRequest message; states, if given, are one per word (None for a fresh start, sent empty)."""
     request = pb.EncodeRequest(model=model, words=words)
     if states is not None:
         if len(states) != len(words):
@@ -146,13 +176,6 @@ def build_request(
     if report_invalid is not None:
         request.invalid_words = pb.INVALID_WORD_POLICY_REPORT if report_invalid else pb.INVALID_WORD_POLICY_REJECT
     return request
-
-
-def _fill_missing_states(request: pb.EncodeRequest, num_layers: int, hidden_size: int) -> None:
-    # A None state in a list with others means "start from zeros"; the wire wants explicit values.
-    for state in request.initial_states:
-        if not state.hidden:
-            state.hidden.extend([0.0] * (num_layers * hidden_size))
 
 
 def parse_response(response: pb.EncodeResponse) -> list[Encoding]:
@@ -175,16 +198,102 @@ def parse_response(response: pb.EncodeResponse) -> list[Encoding]:
     return encodings
 
 
-class CharRnnClient:
+def parse_model(metadata: pb.ModelMetadata) -> ModelInfo:
+    """A ModelMetadata message as a ModelInfo."""
+    return ModelInfo(
+        name=metadata.name,
+        kind=metadata.kind,
+        input_size=metadata.input_size,
+        hidden_size=metadata.hidden_size,
+        num_layers=metadata.num_layers,
+        nonlinearity=metadata.nonlinearity or None,
+        alphabet=metadata.alphabet,
+        execution_provider=metadata.execution_provider,
+        max_word_length=metadata.max_word_length,
+        artifact_sha256=dict(metadata.artifact_sha256),
+    )
+
+
+class _StreamFeed:
+    """What went wrong producing one stream's requests (the caller's iterator raised, or a model lookup failed).
+
+    gRPC's sender must not see the exception (the sync one logs it and fails the call as UNKNOWN, the asyncio
+    one never half-closes the stream): the feed records it and ends the requests, the responses to the
+    requests already sent are delivered, and then the exception is raised to the caller.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def raise_error(self) -> None:
+        """Re-raise the recorded exception, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+# ---- the clients ------------------------------------------------------------------------------------------------
+
+
+class _ClientCore:
+    """All the sync and asyncio clients share: the stubs, the default timeout, the model-shape cache, and turning
+    the library's values into messages and back. No I/O here: the subclasses make the calls."""
+
+    def __init__(self, target: str, timeout: float, channel: grpc.Channel | grpc.aio.Channel) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel
+        self._stub = pb_grpc.CharRnnStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._shapes: dict[str, tuple[int, int]] = {}
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    def _needs_shape(self, request: EncodeRequest) -> bool:
+        # A None state among given ones means "start from zeros"; the wire wants the zeros spelt out, so the
+        # model's shape must be known (one GetModel per model, then cached).
+        if not isinstance(request, EncodeRequest):  # e.g. a protobuf EncodeRequest, which this API no longer takes
+            kind = f"{type(request).__module__}.{type(request).__qualname__}"
+            raise TypeError(f"encode_stream takes clients.client.EncodeRequest values, not {kind}")
+        states = request.states
+        return states is not None and request.model not in self._shapes and any(state is None for state in states)
+
+    def _message(self, request: EncodeRequest) -> pb.EncodeRequest:
+        message = build_request(request.model, request.words, request.states, request.report_invalid)
+        if request.states is not None and any(state is None for state in request.states):
+            layers, hidden = self._shapes[request.model]
+            for state in message.initial_states:
+                if not state.hidden:
+                    state.hidden.extend([0.0] * (layers * hidden))
+        return message
+
+    def _model_info(self, metadata: pb.ModelMetadata) -> ModelInfo:
+        info = parse_model(metadata)
+        self._shapes[info.name] = info.state_shape
+        return info
+
+    def _model_infos(self, response: pb.ListModelsResponse) -> list[ModelInfo]:
+        return [self._model_info(metadata) for metadata in response.models]
+
+    @staticmethod
+    def _status_name(response: health_pb2.HealthCheckResponse) -> str:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+_LIST_MODELS = pb.ListModelsRequest()
+
+
+def _health_request(service: str) -> health_pb2.HealthCheckRequest:
+    return health_pb2.HealthCheckRequest(service=service)
+
+
+class CharRnnClient(_ClientCore):
     """Blocking client; use as a context manager. Every call takes a timeout overriding the default."""
 
     def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
-        self._stub = pb_grpc.CharRnnStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._shapes: dict[str, tuple[int, int]] = {}
+        super().__init__(target, timeout, grpc.insecure_channel(target, options=channel_options(max_message_bytes)))
 
     def __enter__(self) -> CharRnnClient:
         return self
@@ -206,57 +315,62 @@ class CharRnnClient:
         timeout: float | None = None,
     ) -> list[Encoding]:
         """Encode words with a model; one Encoding per word, in order."""
-        request = build_request(model, words, states, report_invalid)
-        if states is not None and any(state is None for state in states):
-            _fill_missing_states(request, *self._shape(model, timeout))
-        return parse_response(self._call(self._stub.Encode, request, timeout))
+        message = self._request(EncodeRequest(model, words, states, report_invalid), timeout)
+        return parse_response(self._call(self._stub.Encode, message, timeout))
 
-    def encode_stream(
-        self, requests: Iterable[pb.EncodeRequest], *, timeout: float | None = None
-    ) -> Iterable[list[Encoding]]:
-        """Bulk encoding over the streaming RPC: one list of Encodings per request, in order."""
+    def encode_stream(self, requests: Iterable[EncodeRequest], *, timeout: float | None = None) -> Iterator[list[Encoding]]:
+        """Bulk encoding over the streaming RPC: one list of Encodings per request, in order. No deadline
+        unless `timeout` is given."""
+        feed = _StreamFeed()
+        call = self._stub.EncodeStream(self._stream_requests(requests, feed, timeout), timeout=timeout)
         try:
-            for response in self._stub.EncodeStream(iter(requests), timeout=timeout):
+            for response in call:
                 yield parse_response(response)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+        finally:
+            call.cancel()  # the caller stopped early: end the stream (a no-op once it has ended)
+        feed.raise_error()
 
-    def models(self, *, timeout: float | None = None) -> list[pb.ModelMetadata]:
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Metadata of every model the server has loaded."""
-        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
+        return self._model_infos(self._call(self._stub.ListModels, _LIST_MODELS, timeout))
 
-    def model(self, name: str, *, timeout: float | None = None) -> pb.ModelMetadata:
+    def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
         """One model's metadata (ModelNotFoundError if unknown)."""
-        return self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout)
+        return self._model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health service's status name for the server (or one service): SERVING, NOT_SERVING, ..."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return self._status_name(self._call(self._health.Check, _health_request(service), timeout))
 
-    def _shape(self, model: str, timeout: float | None) -> tuple[int, int]:
-        if model not in self._shapes:
-            metadata = self.model(model, timeout=timeout)
-            self._shapes[model] = (metadata.num_layers, metadata.hidden_size)
-        return self._shapes[model]
+    def _stream_requests(
+        self, requests: Iterable[EncodeRequest], feed: _StreamFeed, timeout: float | None
+    ) -> Iterator[pb.EncodeRequest]:
+        try:
+            for request in requests:
+                yield self._request(request, timeout)
+        except Exception as error:  # handed to the caller by encode_stream (see _StreamFeed)
+            feed.error = error
+
+    def _request(self, request: EncodeRequest, timeout: float | None) -> pb.EncodeRequest:
+        if self._needs_shape(request):
+            self.model(request.model, timeout=timeout)
+        return self._message(request)
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self._deadline(timeout))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
 
-class AsyncCharRnnClient:
+class AsyncCharRnnClient(_ClientCore):
     """asyncio client; use as an async context manager. Same calls and errors as CharRnnClient."""
 
     def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
-        self._stub = pb_grpc.CharRnnStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._shapes: dict[str, tuple[int, int]] = {}
+        options = channel_options(max_message_bytes)
+        super().__init__(target, timeout, grpc.aio.insecure_channel(target, options=options))
 
     async def __aenter__(self) -> AsyncCharRnnClient:
         return self
@@ -280,32 +394,63 @@ class AsyncCharRnnClient:
         timeout: float | None = None,
     ) -> list[Encoding]:
         """Encode words with a model; one Encoding per word, in order."""
-        request = build_request(model, words, states, report_invalid)
-        if states is not None and any(state is None for state in states):
-            _fill_missing_states(request, *await self._shape(model, timeout))
-        return parse_response(await self._call(self._stub.Encode, request, timeout))
+        message = await self._request(EncodeRequest(model, words, states, report_invalid), timeout)
+        return parse_response(await self._call(self._stub.Encode, message, timeout))
 
-    async def _shape(self, model: str, timeout: float | None) -> tuple[int, int]:
-        if model not in self._shapes:
-            metadata = await self.model(model, timeout=timeout)
-            self._shapes[model] = (metadata.num_layers, metadata.hidden_size)
-        return self._shapes[model]
+    async def encode_stream(
+        self, requests: Iterable[EncodeRequest] | AsyncIterable[EncodeRequest], *, timeout: float | None = None
+    ) -> AsyncIterator[list[Encoding]]:
+        """Bulk encoding over the streaming RPC (`async for`): one list of Encodings per request, in order.
+        The requests may come from a plain or an async iterable. No deadline unless `timeout` is given."""
+        feed = _StreamFeed()
+        call = self._stub.EncodeStream(self._stream_requests(requests, feed, timeout), timeout=timeout)
+        try:
+            async for response in call:
+                yield parse_response(response)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()  # the caller stopped early: end the stream (a no-op once it has ended)
+        feed.raise_error()
 
-    async def models(self, *, timeout: float | None = None) -> list[pb.ModelMetadata]:
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Metadata of every model the server has loaded."""
-        return list((await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+        return self._model_infos(await self._call(self._stub.ListModels, _LIST_MODELS, timeout))
 
-    async def model(self, name: str, *, timeout: float | None = None) -> pb.ModelMetadata:
+    async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
         """One model's metadata (ModelNotFoundError if unknown)."""
-        return await self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout)
+        return self._model_info(await self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The health service's status name for the server (or one service)."""
-        response = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        """The health service's status name for the server (or one service): SERVING, NOT_SERVING, ..."""
+        return self._status_name(await self._call(self._health.Check, _health_request(service), timeout))
+
+    async def _stream_requests(
+        self, requests: Iterable[EncodeRequest] | AsyncIterable[EncodeRequest], feed: _StreamFeed,
+        timeout: float | None,
+    ) -> AsyncIterator[pb.EncodeRequest]:
+        try:
+            async for request in _aiter(requests):
+                yield await self._request(request, timeout)
+        except Exception as error:  # handed to the caller by encode_stream (see _StreamFeed)
+            feed.error = error
+
+    async def _request(self, request: EncodeRequest, timeout: float | None) -> pb.EncodeRequest:
+        if self._needs_shape(request):
+            await self.model(request.model, timeout=timeout)
+        return self._message(request)
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self._deadline(timeout))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+
+
+async def _aiter(items: Iterable[EncodeRequest] | AsyncIterable[EncodeRequest]) -> AsyncIterator[EncodeRequest]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

@@ -1,6 +1,6 @@
 """Start a server subprocess that reports its ports in a port file, wait until it has, stop it with SIGTERM.
 
-charrnn-server (--port-file) and the load generator's echo service both write {"port": N, ...} once they
+charrnn-server (--port-file) and the echo service (clients.bench.echo) both write {"port": N, ...} once they
 serve; the benchmark, the soak script and the tests start them through this one helper.
 """
 

@@ -1,4 +1,8 @@
-"""Server settings: command-line flags, each with a CHARRNN_* environment variable as its default."""
+"""Server settings: command-line flags, each with a CHARRNN_* environment variable as its default.
+
+ServerConfig owns every default (the flags read theirs from it) and builds the core's settings
+(engine_settings(): Limits, BatchSettings), so no other module restates a default or converts a unit.
+"""
 
 from __future__ import annotations
 
@@ -10,45 +14,69 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.runtime import DEVICES
+from server.core.batcher import BatchSettings
+from server.core.engine import EngineSettings, Limits
+from server.core.runtime import DEVICES
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything the server is told at start-up."""
 
-    repository: Path
+    repository: Path = Path("./model_repository")
     """Model repository written by charrnn-export."""
-    address: str
+    address: str = "0.0.0.0"
     """Interface to listen on."""
-    port: int
+    port: int = 50051
     """gRPC port; 0 picks a free one (see port_file)."""
-    device: str
+    device: str = "auto"
     """auto (CUDA provider first, CPU fallback), cuda (fail unless CUDA runs) or cpu."""
-    grace_seconds: float
+    grace_seconds: float = 10.0
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
-    max_words: int
+    max_words: int = 4096
     """Words per request or stream message."""
-    max_word_length: int
+    max_word_length: int = 256
     """Characters per word."""
-    max_message_bytes: int
+    max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message received or sent."""
-    metrics_port: int
+    metrics_port: int = 9090
     """Prometheus /metrics HTTP port; -1 disables, 0 picks a free one."""
-    log_level: str
+    log_level: str = "INFO"
     """Logging level name."""
-    batching: bool
+    batching: bool = True
     """Merge concurrent requests for one model into one onnxruntime run."""
-    max_batch_words: int
+    max_batch_words: int = 4096
     """Largest merged batch, in words."""
-    max_queue_delay_ms: float
+    max_queue_delay_ms: float = 0.0
     """How long a non-full batch waits for company; 0 never waits."""
-    max_queue_words: int
+    max_queue_words: int = 65536
     """Words allowed to wait per model before RESOURCE_EXHAUSTED."""
-    run_threads: int
+    run_threads: int = 1
     """onnxruntime threads running each model's batches (off the event loop); also its runs in flight."""
-    port_file: Path | None
+    port_file: Path | None = None
     """If set, the bound gRPC and metrics ports are written here as JSON once serving."""
+
+    def limits(self) -> Limits:
+        """What one request may ask for."""
+        return Limits(max_words=self.max_words, max_word_length=self.max_word_length)
+
+    def batch_settings(self) -> BatchSettings | None:
+        """Each model's dynamic batching settings, or None with batching off."""
+        if not self.batching:
+            return None
+        return BatchSettings(
+            max_batch_words=self.max_batch_words,
+            max_delay_s=self.max_queue_delay_ms / 1000.0,
+            max_queue_words=self.max_queue_words,
+        )
+
+    def engine_settings(self) -> EngineSettings:
+        """Everything server.core.engine.load_engine needs besides the repository."""
+        return EngineSettings(self.device, self.run_threads, self.limits(), self.batch_settings())
+
+
+DEFAULTS = ServerConfig()
+"""The defaults every flag shows in --help and falls back to."""
 
 
 def _env(environ: Mapping[str, str], name: str, default: Any) -> Any:
@@ -76,38 +104,38 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--repository", type=Path, default=Path(_env(env, "CHARRNN_REPOSITORY", "./model_repository")),
+    add("--repository", type=Path, default=Path(_env(env, "CHARRNN_REPOSITORY", DEFAULTS.repository)),
         help="model repository (env CHARRNN_REPOSITORY)")
-    add("--address", default=_env(env, "CHARRNN_ADDRESS", "0.0.0.0"), help="listen address (env CHARRNN_ADDRESS)")
-    add("--port", type=int, default=_env(env, "CHARRNN_PORT", 50051),
+    add("--address", default=_env(env, "CHARRNN_ADDRESS", DEFAULTS.address), help="listen address (env CHARRNN_ADDRESS)")
+    add("--port", type=int, default=_env(env, "CHARRNN_PORT", DEFAULTS.port),
         help="gRPC port, 0 for any free port (env CHARRNN_PORT)")
-    add("--device", choices=DEVICES, default=_env(env, "CHARRNN_DEVICE", "auto"),
+    add("--device", choices=DEVICES, default=_env(env, "CHARRNN_DEVICE", DEFAULTS.device),
         help="auto: CUDA provider first, CPU fallback; cuda: fail unless CUDA runs; cpu (env CHARRNN_DEVICE)")
-    add("--grace-seconds", type=float, default=_env(env, "CHARRNN_GRACE_SECONDS", 10.0),
+    add("--grace-seconds", type=float, default=_env(env, "CHARRNN_GRACE_SECONDS", DEFAULTS.grace_seconds),
         help="time in-flight requests get on SIGTERM/SIGINT (env CHARRNN_GRACE_SECONDS)")
-    add("--max-words", type=int, default=_env(env, "CHARRNN_MAX_WORDS", 4096),
+    add("--max-words", type=int, default=_env(env, "CHARRNN_MAX_WORDS", DEFAULTS.max_words),
         help="words per request or stream message (env CHARRNN_MAX_WORDS)")
-    add("--max-word-length", type=int, default=_env(env, "CHARRNN_MAX_WORD_LENGTH", 256),
+    add("--max-word-length", type=int, default=_env(env, "CHARRNN_MAX_WORD_LENGTH", DEFAULTS.max_word_length),
         help="characters per word (env CHARRNN_MAX_WORD_LENGTH)")
-    add("--max-message-bytes", type=int, default=_env(env, "CHARRNN_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
+    add("--max-message-bytes", type=int, default=_env(env, "CHARRNN_MAX_MESSAGE_BYTES", DEFAULTS.max_message_bytes),
         help="largest gRPC message received or sent (env CHARRNN_MAX_MESSAGE_BYTES)")
-    add("--metrics-port", type=int, default=_env(env, "CHARRNN_METRICS_PORT", 9090),
+    add("--metrics-port", type=int, default=_env(env, "CHARRNN_METRICS_PORT", DEFAULTS.metrics_port),
         help="Prometheus /metrics port; -1 disables, 0 any free port (env CHARRNN_METRICS_PORT)")
-    add("--log-level", default=_env(env, "CHARRNN_LOG_LEVEL", "INFO"), help="logging level (env CHARRNN_LOG_LEVEL)")
-    add("--batching", action=argparse.BooleanOptionalAction, default=_env(env, "CHARRNN_BATCHING", True),
+    add("--log-level", default=_env(env, "CHARRNN_LOG_LEVEL", DEFAULTS.log_level), help="logging level (env CHARRNN_LOG_LEVEL)")
+    add("--batching", action=argparse.BooleanOptionalAction, default=_env(env, "CHARRNN_BATCHING", DEFAULTS.batching),
         help="dynamic batching of concurrent requests (env CHARRNN_BATCHING)")
-    add("--max-batch-words", type=int, default=_env(env, "CHARRNN_MAX_BATCH_WORDS", 4096),
+    add("--max-batch-words", type=int, default=_env(env, "CHARRNN_MAX_BATCH_WORDS", DEFAULTS.max_batch_words),
         help="largest merged batch in words (env CHARRNN_MAX_BATCH_WORDS)")
-    add("--max-queue-delay-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_DELAY_MS", 0.0),
+    add("--max-queue-delay-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_DELAY_MS", DEFAULTS.max_queue_delay_ms),
         help="how long a non-full batch waits for more requests; 0 never waits (env CHARRNN_MAX_QUEUE_DELAY_MS)")
-    add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", 65536),
+    add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", DEFAULTS.max_queue_words),
         help="words waiting per model before RESOURCE_EXHAUSTED (env CHARRNN_MAX_QUEUE_WORDS)")
-    add("--run-threads", type=int, default=_env(env, "CHARRNN_RUN_THREADS", 1),
+    add("--run-threads", type=int, default=_env(env, "CHARRNN_RUN_THREADS", DEFAULTS.run_threads),
         help="onnxruntime threads running each model's batches, off the event loop; also the runs a model "
              "may have going at once, batching on or off. One run at a time (bigger batches, a core left to the "
              "event loop) serves small models best; raise it for compute-bound models where cores are to spare "
              "(env CHARRNN_RUN_THREADS)")
-    add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", None),
+    add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", DEFAULTS.port_file),
         help="write the bound ports here as JSON once serving (env CHARRNN_PORT_FILE)")
     return parser
 

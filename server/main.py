@@ -14,12 +14,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from export.manifest import ManifestError
-from server.batcher import BatchSettings
 from server.config import ServerConfig, parse_config
-from server.engine import Engine, Limits
+from server.core.engine import Engine, load_engine
+from server.core.runtime import DeviceUnavailableError
+from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
 from server.metrics import Metrics
-from server.runtime import DeviceUnavailableError, load_repository
-from server.service import SERVICE_NAME, CharRnnService, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +70,8 @@ async def create_server(config: ServerConfig) -> RunningServer:
     await server.start()  # health answers NOT_SERVING and RPCs UNAVAILABLE while the models load
     engine: Engine | None = None
     try:
-        models = await asyncio.get_running_loop().run_in_executor(
-            None, load_repository, config.repository, config.device, config.run_threads
-        )
-        batching = (
-            BatchSettings(config.max_batch_words, config.max_queue_delay_ms / 1000.0, config.max_queue_words)
-            if config.batching
-            else None
-        )
-        engine = Engine(
-            models, Limits(config.max_words, config.max_word_length), batching, config.run_threads,
-            metrics.observe_run,
+        engine = await asyncio.get_running_loop().run_in_executor(
+            None, load_engine, config.repository, config.engine_settings(), metrics.observe_run
         )
         engine.start()
         metrics_port = _serve_metrics(metrics, config) if config.metrics_port >= 0 else None
@@ -91,6 +81,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
             await engine.close()
         raise
     service.attach(engine)
+    models = engine.models
     for model in models.values():
         metrics.provider.labels(model.name, model.provider).set(1)
     for name in (OVERALL, SERVICE_NAME):
@@ -99,7 +90,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
         "serving %s on %s:%d (metrics %s, batching %s); models: %s",
         SERVICE_NAME, config.address, port,
         f"port {metrics_port}" if metrics_port is not None else "off",
-        "on" if batching else "off",
+        "on" if config.batching else "off",
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
     )
     return RunningServer(server, port, health_servicer, engine, metrics, metrics_port)

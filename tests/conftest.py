@@ -1,32 +1,87 @@
-"""Shared fixtures: a model repository exported once per session, a user checkpoint, a real server subprocess."""
+"""Shared fixtures: a model repository exported once per session, a user checkpoint, a real server subprocess.
+
+torch is imported inside the fixtures that need it, never at module level, so `pytest -m unit` runs without
+it. Plain helpers live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
-import string
+import ast
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from _pytest.mark.expression import Expression
 
-from clients.processes import ServerProcess, spawn
-from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
-from export.repository import export_model
+from clients.processes import ServerProcess
+from tests.helpers import LARGE_ALPHABET, LARGE_MODEL, start_server
+from tests.onnx_models import write_unit_repository
 
-LARGE_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + "0123"  # 56 letters
-LARGE_ALPHABET += "-"  # 57 letters, as in the issue
-assert len(LARGE_ALPHABET) == 57 and len(set(LARGE_ALPHABET)) == 57
+MARKERS = ("unit", "e2e", "export", "deploy")
 
-LARGE_MODEL = "large_lstm"
+
+def module_marker(path: Path) -> str | None:
+    """The marker a test module declares for all its tests (`pytestmark = pytest.mark.NAME`), read from its
+    source without importing it."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(target, ast.Name) and target.id == "pytestmark" for target in node.targets)
+            and isinstance(node.value, ast.Attribute)
+        ):
+            return node.value.attr
+    return None
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With -m, do not even import a module whose marker the expression rules out: `pytest -m unit` must not
+    import the torch-heavy modules only to deselect their tests."""
+    expression = config.getoption("markexpr")
+    if not expression or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    marker = module_marker(collection_path)
+    if marker is None:
+        return None
+    return not Expression.compile(expression).evaluate(lambda name, **_: name == marker)
+
+
+def selects_only_unit(expression: str) -> bool:
+    """Whether a -m expression selects the unit tests and no test of any other marker."""
+    compiled = Expression.compile(expression)
+    return compiled.evaluate(lambda name, **_: name == "unit") and not any(
+        compiled.evaluate(lambda name, other=other, **_: name == other) for other in MARKERS if other != "unit"
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The unit subset is torch-free by contract: fail a unit-only run if anything in it imported torch."""
+    expression = session.config.getoption("markexpr")
+    if expression and selects_only_unit(expression) and "torch" in sys.modules:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nerror: torch was imported during a unit-only run (-m {expression!r}); the unit subset must not need it")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test carries one of MARKERS, so `-m unit` and friends select everything exactly once."""
+    unmarked = [item.nodeid for item in items if not any(item.get_closest_marker(name) for name in MARKERS)]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests without a marker ({', '.join(MARKERS)}): " + ", ".join(unmarked[:10])
+            + (f" and {len(unmarked) - 10} more" if len(unmarked) > 10 else "")
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def single_threaded_torch() -> Iterator[None]:
-    """Eager runs of these tiny modules are several times faster on one thread, and servers share the two cores."""
+    """Eager runs of these tiny modules are several times faster on one thread, and servers share the two cores.
+
+    Only where torch is already imported (by a test module that needs it): the unit subset never loads it.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -34,8 +89,16 @@ def single_threaded_torch() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def unit_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models built with onnx.helper (tests/onnx_models.py): real onnxruntime sessions, no torch."""
+    return write_unit_repository(tmp_path_factory.mktemp("unit_repository"))
+
+
+@pytest.fixture(scope="session")
 def large_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state_dict of LSTM(57, 64, num_layers=2) saved the way users save theirs."""
+    import torch
+
     torch.manual_seed(1234)
     module = torch.nn.LSTM(input_size=len(LARGE_ALPHABET), hidden_size=64, num_layers=2)
     path = tmp_path_factory.mktemp("checkpoints") / "large_lstm.pt"
@@ -46,6 +109,9 @@ def large_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory, large_checkpoint: Path) -> Path:
     """The three built-in models plus the checkpoint-imported large LSTM, exported once per session."""
+    from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
+    from export.repository import export_model
+
     repository = tmp_path_factory.mktemp("model_repository")
     for spec in BUILTIN_SPECS.values():
         export_model(seeded_model(spec), repository)
@@ -53,29 +119,6 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, large_checkpoint:
         load_checkpoint(large_checkpoint, name=LARGE_MODEL, kind="lstm", alphabet=LARGE_ALPHABET), repository
     )
     return repository
-
-
-def console_script(name: str) -> str:
-    """Path of one of the project's console scripts, installed beside this interpreter."""
-    path = Path(sys.executable).with_name(name)
-    assert path.exists(), f"{path} not found: install the project (pip install -e '.[test]')"
-    return str(path)
-
-
-def start_server(
-    repository: Path, tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None, timeout: float = 60.0
-) -> ServerProcess:
-    """Start charrnn-server in a subprocess and wait until its health service reports SERVING."""
-    port_file = tmp_path / f"ports-{time.monotonic_ns()}.json"
-    command = [
-        console_script("charrnn-server"), "--repository", str(repository), "--address", "127.0.0.1",
-        "--port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra_args,
-    ]
-    server = spawn("charrnn-server", command, port_file, port_file.with_suffix(".log"), timeout, env)
-    with grpc.insecure_channel(server.target) as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-    assert status.status == health_pb2.HealthCheckResponse.SERVING, status
-    return server
 
 
 @pytest.fixture(scope="session")

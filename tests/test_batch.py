@@ -1,9 +1,9 @@
-"""charrnn-batch end to end against real servers: order, per-word errors, input formats, resume, failover."""
+"""charrnn-batch end to end against real servers: order, per-word errors, input formats, resume, failover; and,
+without a server, its input and output helpers and its retry decisions (made from status details, not text)."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -14,11 +14,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from clients.batch import Chunk, Record, count_records, format_chunk, infer_format, scan_output, split_targets, streams_for
+from clients.batch.failures import Backoff, FatalError, RetryableError, classify
+from clients.batch.output import format_chunk, scan_output
+from clients.batch.records import Chunk, Record, count_records, infer_format
+from clients.batch.targets import split_targets, streams_for
 from clients.client import CharRnnClient
-from tests.conftest import ServerProcess, console_script, start_server
+from server.core.errors import (
+    InvalidWordError,
+    ModelNotFoundError,
+    ModelsLoadingError,
+    OverloadedError,
+    Reason,
+    RequestTooLargeError,
+    ShuttingDownError,
+)
+from server.grpc.status import rich_status
+from tests.helpers import ServerProcess, aio_error, console_script, start_server, transport_error
 
 ALPHABET = "helo"
 
@@ -76,11 +90,14 @@ def wait_for_output(path: Path, size: int, process: subprocess.Popen[bytes], tim
     assert process.poll() is None, "charrnn-batch finished before it could be interrupted"
 
 
-def encode_stream_requests(server: ServerProcess) -> float:
-    """EncodeStream messages the server has answered, from its /metrics."""
+def encode_stream_requests(server: ServerProcess, code: str = "[A-Z_]+") -> float:
+    """EncodeStream messages the server has answered (with a status code matching `code`), from its /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    pattern = re.compile(r'^charrnn_requests_total\{[^}]*method="EncodeStream"[^}]*\} (\S+)$', re.MULTILINE)
+    pattern = re.compile(
+        rf'^charrnn_requests_total\{{(?=[^}}]*method="EncodeStream")(?=[^}}]*code="{code}")[^}}]*\}} (\S+)$',
+        re.MULTILINE,
+    )
     return sum(float(value) for value in pattern.findall(text))
 
 
@@ -113,6 +130,7 @@ def big_clean_output(big_input: Path, server: ServerProcess, tmp_path_factory: p
 # ------------------------------------------------------------------------------------------------ order and values
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", ["lstm", "rnn_multi_layers"])
 def test_order_and_numbers_match_the_client_library(server: ServerProcess, tmp_path: Path, model: str) -> None:
     words = random_words(3000, seed=1)
@@ -126,6 +144,7 @@ def test_order_and_numbers_match_the_client_library(server: ServerProcess, tmp_p
     assert all(("cell" in line) == (model == "lstm") for line in lines)
 
 
+@pytest.mark.e2e
 def test_bad_words_get_error_lines_and_the_rest_succeed(server: ServerProcess, tmp_path: Path) -> None:
     words = random_words(40, seed=2)
     bad = {5: "hex", 6: "", 30: "h" * 300, 39: "HELLO"}
@@ -152,6 +171,7 @@ def test_bad_words_get_error_lines_and_the_rest_succeed(server: ServerProcess, t
 # ---------------------------------------------------------------------------------------------------- input formats
 
 
+@pytest.mark.e2e
 def test_jsonl_and_csv_inputs(server: ServerProcess, tmp_path: Path) -> None:
     words = random_words(50, seed=3)
     expected = reference(server.target, "rnn", words)
@@ -185,6 +205,7 @@ def test_jsonl_and_csv_inputs(server: ServerProcess, tmp_path: Path) -> None:
     assert result.returncode == 1 and "has no column 'word'" in result.stderr
 
 
+@pytest.mark.e2e
 def test_stdin_input_and_stdout_output(server: ServerProcess) -> None:
     words = random_words(700, seed=4)
     data = "".join(f"{word}\r\n" for word in words).encode()  # CRLF line ends too
@@ -197,6 +218,7 @@ def test_stdin_input_and_stdout_output(server: ServerProcess) -> None:
 # ----------------------------------------------------------------------------------------------------- two servers
 
 
+@pytest.mark.e2e
 def test_order_across_two_servers(server: ServerProcess, second_server: ServerProcess, tmp_path: Path) -> None:
     words = random_words(4000, seed=5)
     source = write_words(tmp_path / "w.txt", words)
@@ -215,6 +237,7 @@ def test_order_across_two_servers(server: ServerProcess, second_server: ServerPr
         assert all(a > b for a, b in zip(after, before, strict=True)), (targets, before, after)  # both did work
 
 
+@pytest.mark.e2e
 def test_a_server_killed_mid_job_leaves_its_chunks_to_the_other(
     server: ServerProcess, model_repository: Path, big_input: Path, big_clean_output: bytes, tmp_path: Path
 ) -> None:
@@ -238,6 +261,7 @@ def test_a_server_killed_mid_job_leaves_its_chunks_to_the_other(
     assert output.read_bytes() == big_clean_output
 
 
+@pytest.mark.e2e
 def test_a_restarted_server_finishes_the_job(
     model_repository: Path, big_input: Path, big_clean_output: bytes, tmp_path: Path
 ) -> None:
@@ -269,6 +293,7 @@ def test_a_restarted_server_finishes_the_job(
 # ---------------------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.e2e
 def test_resume_after_kill_gives_the_clean_output(
     server: ServerProcess, big_input: Path, big_clean_output: bytes, tmp_path: Path
 ) -> None:
@@ -298,6 +323,7 @@ def test_resume_after_kill_gives_the_clean_output(
     assert output.read_bytes() == big_clean_output
 
 
+@pytest.mark.e2e
 def test_sigint_and_sigterm_stop_at_a_chunk_boundary(
     server: ServerProcess, big_input: Path, big_clean_output: bytes, tmp_path: Path
 ) -> None:
@@ -323,6 +349,7 @@ def test_sigint_and_sigterm_stop_at_a_chunk_boundary(
     assert output.read_bytes() == big_clean_output
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_different_input(server: ServerProcess, tmp_path: Path) -> None:
     output = tmp_path / "out.jsonl"
     first = write_words(tmp_path / "a.txt", ["hello", "hell", "ole"])
@@ -335,9 +362,33 @@ def test_resume_refuses_a_different_input(server: ServerProcess, tmp_path: Path)
     assert len(read_output(output)) == 3
 
 
+# --------------------------------------------------------------------------------------------------------- retries
+
+
+@pytest.mark.e2e
+def test_a_full_server_queue_is_retried_until_every_word_is_exact(
+    server: ServerProcess, model_repository: Path, tmp_path: Path
+) -> None:
+    # A queue of one word: while a run is going, every other stream message is refused with QUEUE_FULL.
+    busy = start_server(model_repository, tmp_path, "--max-queue-words", "1")
+    words = random_words(3000, seed=11)
+    output = tmp_path / "out.jsonl"
+    try:
+        result = run_batch("--target", busy.target, "--model", "lstm", "--input", write_words(tmp_path / "w.txt", words),
+                           "--output", output, "--chunk-size", 25, "--streams", 4, "--retry-seconds", 60)
+        refused = encode_stream_requests(busy, "RESOURCE_EXHAUSTED")
+    finally:
+        assert busy.stop() == 0, busy.log()
+    assert result.returncode == 0, result.stderr
+    assert refused > 0, "the server's queue never filled: the test provoked nothing"
+    assert "RESOURCE_EXHAUSTED" in result.stderr and "re-sending" in result.stderr
+    assert read_output(output) == reference(server.target, "lstm", words)
+
+
 # ---------------------------------------------------------------------------------------------------- fatal errors
 
 
+@pytest.mark.e2e
 def test_fatal_errors_exit_1(server: ServerProcess, tmp_path: Path) -> None:
     source = write_words(tmp_path / "w.txt", ["hello"] * 10)
     output = tmp_path / "out.jsonl"
@@ -364,6 +415,7 @@ def test_fatal_errors_exit_1(server: ServerProcess, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- no server
 
 
+@pytest.mark.unit
 def test_helpers(tmp_path: Path) -> None:
     assert split_targets(["a:1,b:2", " c:3 "]) == ["a:1", "b:2", "c:3"]
     assert split_targets(["ipv4:127.0.0.1:1,127.0.0.1:2", "dns:///svc:50051"]) == [
@@ -390,3 +442,74 @@ def test_helpers(tmp_path: Path) -> None:
     assert [json.loads(line) for line in data.decode("ascii").splitlines()] == [
         {"index": 7, "word": None, "error": "bad input"}, {"index": 8, "word": "\ud800", "error": "lone surrogate"}]
 
+
+def rpc_error(error: BaseException) -> grpc.aio.AioRpcError:
+    """The error a client sees when the server answers `error`: code, message and the google.rpc.Status trailer."""
+    return aio_error(rich_status(error))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("error", "delay"),
+    [
+        (OverloadedError("model 'lstm' is overloaded: 9 words queued (limit 1); retry later"), 0.05),
+        (OverloadedError("queue full"), 0.05),  # the reason decides, whatever the text says
+        (ShuttingDownError("the server is shutting down"), 0.1),  # draining: UNAVAILABLE + SHUTTING_DOWN
+        (ModelsLoadingError("the server is still loading its models; retry shortly"), 0.5),
+    ],
+)
+def test_queue_full_draining_and_loading_are_retried_after_the_servers_delay(error: Exception, delay: float) -> None:
+    problem = classify(rpc_error(error), "127.0.0.1:1")
+    assert isinstance(problem, RetryableError), problem
+    assert problem.retry_after_s == pytest.approx(delay)
+    assert str(problem).startswith(f"127.0.0.1:1: {rich_status(error).code.name}: ")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "error",
+    [
+        rpc_error(RequestTooLargeError("4100 words in one request; the limit is 4096 (--max-words)")),
+        # The old text match ("overloaded" in the message) would have retried this one for ever.
+        rpc_error(RequestTooLargeError("overloaded: 4100 words; the limit is 4096", Reason.TOO_MANY_WORDS)),
+        # gRPC's own message-size limit: no server details at all.
+        transport_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)"),
+    ],
+)
+def test_too_many_words_and_message_size_limits_are_fatal_with_a_hint(error: grpc.aio.AioRpcError) -> None:
+    problem = classify(error, "127.0.0.1:1")
+    assert isinstance(problem, FatalError), problem
+    assert "RESOURCE_EXHAUSTED" in str(problem) and str(problem).endswith(" (lower --chunk-size?)")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        # A killed server or a reset stream: no details of ours, whatever gRPC's message says.
+        (transport_error(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)"), True),
+        (transport_error(grpc.StatusCode.INTERNAL, "Internal error from Core"), True),
+        (transport_error(grpc.StatusCode.UNKNOWN, "Stream removed"), True),
+        (transport_error(grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2"), True),
+        (transport_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), True),
+        # What the server chose to answer: retrying cannot help.
+        (rpc_error(RuntimeError("a bug")), False),  # INTERNAL with the server's ErrorInfo
+        (rpc_error(ModelNotFoundError("model 'nope' is not loaded")), False),
+        (rpc_error(InvalidWordError(0, "hex", "character 'x' is not in the alphabet", Reason.WORD_NOT_IN_ALPHABET)),
+         False),
+    ],
+)
+def test_broken_streams_are_retried_and_server_answers_are_not(error: grpc.aio.AioRpcError, retried: bool) -> None:
+    problem = classify(error, "127.0.0.1:1")
+    assert isinstance(problem, RetryableError if retried else FatalError), problem
+    assert "lower --chunk-size" not in str(problem)
+
+
+@pytest.mark.unit
+def test_backoff_doubles_to_its_cap_and_honours_the_servers_delay() -> None:
+    backoff = Backoff(cap=0.4)
+    delays = [backoff.next() for _ in range(5)]
+    assert all(low / 2 <= delay <= low for delay, low in zip(delays, [0.1, 0.2, 0.4, 0.4, 0.4], strict=True))
+    assert backoff.next(2.5) == 2.5  # RetryInfo is a floor
+    backoff.reset()
+    assert backoff.next() <= 0.1

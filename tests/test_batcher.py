@@ -1,10 +1,11 @@
 """Dynamic batching: exact, actually merging, failure-isolating, bounded, and free for a lone request.
 
-Most tests run in-process (asyncio.run) over real ModelRuntime objects loaded from the session's model
-repository; ground truth is export.trace.eager_word on each word alone. Where a test needs the model run to
-fail or to block (poisoned batches, a full queue, cancelled callers), it wraps the real runtime in a small
-subclass: no valid input makes onnxruntime fail or wait, so the fault has to be injected, and the subclass
-still runs the real session for everything it lets through. One test drives a real server subprocess.
+Unit tests, in-process (asyncio.run), over real ModelRuntime objects with real onnxruntime sessions on the
+torch-free models of tests/onnx_models.py; ground truth is each request run alone. Where a test needs the model
+run to fail or to block (poisoned batches, a full queue, cancelled callers), it wraps the real runtime in a
+small subclass: no valid input makes onnxruntime fail or wait, so the fault has to be injected, and the
+subclass still runs the real session for everything it lets through. Batched results against eager PyTorch,
+and a real server under a burst, are in tests/test_batching_e2e.py.
 """
 
 from __future__ import annotations
@@ -15,45 +16,35 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
-from torch import nn
 
-from clients.client import AsyncCharRnnClient, ResourceExhaustedError
-from conftest import LARGE_ALPHABET, LARGE_MODEL, start_server
-from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
-from export.trace import PARITY_TOLERANCE, eager_word
-from proto.charrnn.v1 import charrnn_pb2 as pb
-from server.alphabet import EncodedWords
-from server.batcher import Batcher, BatchSettings, DirectRunner, RunStats
-from server.engine import Engine, EncodeResult, InitialState, Limits, WordEncoding
-from server.errors import InvalidWordError, OverloadedError, ShuttingDownError
-from server.metrics import Metrics
-from server.runtime import BatchOutputs, ModelRuntime, RunDone, load_repository
-from server.service import _response
+from server.core.alphabet import WordIndices
+from server.core.batcher import Batcher, BatchSettings, DirectRunner, RunStats
+from server.core.engine import EncodeResult, Engine, InitialState, Limits, WordEncoding
+from server.core.errors import OverloadedError, Reason, ShuttingDownError
+from server.core.runtime import ModelRuntime, RunDone, RunOutputs, load_repository
 
-MODELS = ("rnn", "rnn_multi_layers", "lstm", LARGE_MODEL)
+pytestmark = pytest.mark.unit
+
+MODELS = ("rnn", "rnn_multi_layers", "lstm", "gru", "wide_lstm")
+LIMITS = Limits(max_words=4096, max_word_length=256)
+BATCHING_TOLERANCE = 1e-6
+"""A word batched with others against the same word alone: the same onnxruntime kernels, rounding aside."""
 
 
-@pytest.fixture(scope="module")
-def runtimes(model_repository: Path) -> dict[str, ModelRuntime]:
-    return load_repository(model_repository, "cpu")
+def batch_settings(max_batch_words: int = 1024, max_delay_s: float = 0.0, max_queue_words: int = 65536) -> BatchSettings:
+    return BatchSettings(max_batch_words, max_delay_s, max_queue_words)
 
 
 @pytest.fixture(scope="module")
-def modules(large_checkpoint: Path) -> dict[str, nn.RNNBase]:
-    """The eager modules, rebuilt independently of the repository."""
-    built = {name: seeded_model(spec).module for name, spec in BUILTIN_SPECS.items()}
-    built[LARGE_MODEL] = load_checkpoint(
-        large_checkpoint, name=LARGE_MODEL, kind="lstm", alphabet=LARGE_ALPHABET
-    ).module
-    return built
+def runtimes(unit_repository: Path) -> dict[str, ModelRuntime]:
+    return load_repository(unit_repository, "cpu")
 
 
 class Recorder:
@@ -73,12 +64,14 @@ class Request:
     states: list[InitialState]
 
 
-def random_traffic(runtimes: dict[str, ModelRuntime], seed: int, count: int) -> list[Request]:
+def random_traffic(
+    runtimes: dict[str, ModelRuntime], seed: int, count: int, models: Sequence[str] = MODELS
+) -> list[Request]:
     """Mixed models, word counts, word lengths (1..20), with initial states on about a third of requests."""
     rng = random.Random(seed)
     requests = []
     for _ in range(count):
-        name = rng.choice(MODELS)
+        name = rng.choice(models)
         manifest = runtimes[name].manifest
         letters = manifest.alphabet
         words = [
@@ -107,12 +100,6 @@ def max_error(a: WordEncoding, b: WordEncoding) -> float:
     return float(max(errors))
 
 
-def eager(module: nn.RNNBase, runtime: ModelRuntime, word: str, state: InitialState | None) -> WordEncoding:
-    indices = [runtime.manifest.alphabet.index(char) for char in word]
-    result = eager_word(module, indices, None if state is None else state.hidden, None if state is None else state.cell)
-    return WordEncoding(word, result.outputs, result.hidden, result.cell)
-
-
 async def encode_all(engine: Engine, requests: Sequence[Request]) -> list[EncodeResult]:
     engine.start()
     try:
@@ -125,30 +112,27 @@ async def encode_all(engine: Engine, requests: Sequence[Request]) -> list[Encode
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_batched_equals_unbatched_equals_eager_on_concurrent_mixed_traffic(
-    runtimes: dict[str, ModelRuntime], modules: dict[str, nn.RNNBase], seed: int
+def test_batched_equals_each_request_alone_on_concurrent_mixed_traffic(
+    runtimes: dict[str, ModelRuntime], seed: int
 ) -> None:
     requests = random_traffic(runtimes, seed, count=80)
     recorder = Recorder()
     batched = asyncio.run(
-        encode_all(Engine(runtimes, Limits(), BatchSettings(max_batch_words=64), observer=recorder), requests)
+        encode_all(Engine(runtimes, LIMITS, batch_settings(max_batch_words=64), observer=recorder), requests)
     )
-    unbatched = asyncio.run(encode_all(Engine(runtimes, Limits(), None), requests))
+    unbatched = asyncio.run(encode_all(Engine(runtimes, LIMITS, None), requests))
     largest = max(len(r.words) for r in requests)
     assert max(words for _, words in recorder.runs) > largest, "concurrent requests were never merged"
     for request, merged, alone in zip(requests, batched, unbatched, strict=True):
         assert len(merged.words) == len(alone.words) == len(request.words)
-        runtime, module = runtimes[request.model], modules[request.model]
-        for index, (a, b) in enumerate(zip(merged.words, alone.words, strict=True)):
+        for a, b in zip(merged.words, alone.words, strict=True):
             assert isinstance(a, WordEncoding) and isinstance(b, WordEncoding)
-            assert max_error(a, b) <= PARITY_TOLERANCE
-            state = request.states[index] if request.states else None
-            assert max_error(a, eager(module, runtime, request.words[index], state)) <= PARITY_TOLERANCE
+            assert max_error(a, b) <= BATCHING_TOLERANCE
 
 
 def test_concurrent_requests_are_merged_into_one_run(runtimes: dict[str, ModelRuntime]) -> None:
     recorder = Recorder()
-    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=1024), run_threads=2, observer=recorder)
+    engine = Engine(runtimes, LIMITS, batch_settings(max_batch_words=1024), run_threads=2, observer=recorder)
     requests = [Request("lstm", ["hello", "he"], []) for _ in range(20)]
     asyncio.run(encode_all(engine, requests))
     # The first two find the engine's two run slots free and start at once (a lone request never waits);
@@ -157,7 +141,7 @@ def test_concurrent_requests_are_merged_into_one_run(runtimes: dict[str, ModelRu
 
 
 def test_results_report_the_batch_they_rode_in(runtimes: dict[str, ModelRuntime]) -> None:
-    engine = Engine(runtimes, Limits(), BatchSettings(max_batch_words=6), run_threads=2)
+    engine = Engine(runtimes, LIMITS, batch_settings(max_batch_words=6), run_threads=2)
     results = asyncio.run(encode_all(engine, [Request("rnn", ["hel", "lo"], []) for _ in range(6)]))
     # Two start alone in the two free run slots; the four queued behind them fill a 6-word batch, then 2.
     assert [result.stats.batch_words for result in results if result.stats] == [2, 2, 6, 6, 6, 2]
@@ -173,10 +157,10 @@ class PoisonedRuntime(ModelRuntime):
     with int64 lengths, which onnxruntime itself refuses (on its own thread, through the run's callback)."""
 
     def start_run(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+        self, encoded: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
     ) -> None:
         if POISON_LENGTH in encoded.lengths.tolist():
-            encoded = EncodedWords(encoded.indices, encoded.lengths.astype(np.int64))
+            encoded = WordIndices(encoded.indices, encoded.lengths.astype(np.int64))
         super().start_run(encoded, h0, c0, done)
 
 
@@ -187,7 +171,7 @@ def poisoned(outcome: object) -> bool:
 def test_a_failure_reaches_every_caller_of_its_batch_and_no_other(runtimes: dict[str, ModelRuntime]) -> None:
     model = PoisonedRuntime(runtimes["lstm"].folder, "cpu")
     recorder = Recorder()
-    engine = Engine({"lstm": model}, Limits(), BatchSettings(max_batch_words=4), run_threads=2, observer=recorder)
+    engine = Engine({"lstm": model}, LIMITS, batch_settings(max_batch_words=4), run_threads=2, observer=recorder)
     poison = "h" * POISON_LENGTH
     # Submitted together, in order: A and B find the two run slots free and start alone at once; the rest
     # queue behind them and are taken in order, 4 words at a time: [C, D], [E, F], [G, H].
@@ -229,7 +213,7 @@ class GatedRuntime(ModelRuntime):
         self.waiting = 0
 
     def start_run(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+        self, encoded: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
     ) -> None:
         self.waiting += 1
         self.entered.set()
@@ -252,14 +236,14 @@ async def _until(condition: threading.Event) -> None:
 
 def start_submit(
     runner: Batcher | DirectRunner, model: ModelRuntime, words: list[str]
-) -> asyncio.Future[tuple[BatchOutputs, RunStats]]:
+) -> asyncio.Future[tuple[RunOutputs, RunStats]]:
     """Submit words (fresh states) as a task of their own, so a test can hold several in flight."""
-    return asyncio.ensure_future(runner.submit(model.alphabet.encode(words), model.zero_state(len(words)), None))
+    return asyncio.ensure_future(runner.submit(model.alphabet.indices(words), model.zero_state(len(words)), None))
 
 
 def test_a_full_queue_answers_overloaded_instead_of_hanging(runtimes: dict[str, ModelRuntime]) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
-    batcher = Batcher(model, BatchSettings(max_batch_words=4, max_queue_words=6))
+    batcher = Batcher(model, batch_settings(max_batch_words=4, max_queue_words=6))
 
     submit = functools.partial(start_submit, batcher, model)
 
@@ -271,8 +255,8 @@ def test_a_full_queue_answers_overloaded_instead_of_hanging(runtimes: dict[str, 
         await asyncio.sleep(0)
         assert batcher.queued_words == 6
         with pytest.raises(OverloadedError) as raised:
-            await asyncio.wait_for(batcher.submit(model.alphabet.encode(["l"]), model.zero_state(1), None), 1.0)
-        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.wait_for(batcher.submit(model.alphabet.indices(["l"]), model.zero_state(1), None), 1.0)
+        assert raised.value.reason == Reason.QUEUE_FULL and raised.value.retry_after_s
         assert "is overloaded: 6 words queued (limit 6)" in raised.value.message
         model.gate.set()
         outputs = await asyncio.wait_for(asyncio.gather(running, *queued), 30)
@@ -290,7 +274,7 @@ class RefusingRuntime(ModelRuntime):
     """The real runtime, except that starting a batch with a word of POISON_LENGTH letters raises at once."""
 
     def start_run(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+        self, encoded: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
     ) -> None:
         if POISON_LENGTH in encoded.lengths.tolist():
             raise RuntimeError("refused outright")
@@ -302,7 +286,7 @@ def test_a_run_refused_outright_fails_its_callers_and_frees_its_slot(
     runtimes: dict[str, ModelRuntime], batching: bool
 ) -> None:
     model = RefusingRuntime(runtimes["rnn"].folder, "cpu")
-    runner: Batcher | DirectRunner = Batcher(model, BatchSettings()) if batching else DirectRunner(model)
+    runner: Batcher | DirectRunner = Batcher(model, batch_settings()) if batching else DirectRunner(model)
 
     one_state = model.zero_state(1)
 
@@ -310,8 +294,8 @@ def test_a_run_refused_outright_fails_its_callers_and_frees_its_slot(
         runner.start()
         for _ in range(3):  # with one run slot, a leaked slot would hang the next request
             with pytest.raises(RuntimeError, match="refused outright"):
-                await asyncio.wait_for(runner.submit(model.alphabet.encode(["h" * POISON_LENGTH]), one_state, None), 10)
-            outputs, _ = await asyncio.wait_for(runner.submit(model.alphabet.encode(["hello"]), one_state, None), 10)
+                await asyncio.wait_for(runner.submit(model.alphabet.indices(["h" * POISON_LENGTH]), one_state, None), 10)
+            outputs, _ = await asyncio.wait_for(runner.submit(model.alphabet.indices(["hello"]), one_state, None), 10)
             assert outputs.h_n.shape == (1, 1, 2)
         await asyncio.wait_for(runner.close(), 10)
 
@@ -321,7 +305,7 @@ def test_a_run_refused_outright_fails_its_callers_and_frees_its_slot(
 @pytest.mark.parametrize("batching", [True, False], ids=["batcher", "direct"])
 def test_close_waits_for_runs_already_started(runtimes: dict[str, ModelRuntime], batching: bool) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
-    runner: Batcher | DirectRunner = Batcher(model, BatchSettings()) if batching else DirectRunner(model)
+    runner: Batcher | DirectRunner = Batcher(model, batch_settings()) if batching else DirectRunner(model)
 
     async def scenario() -> None:
         runner.start()
@@ -331,7 +315,7 @@ def test_close_waits_for_runs_already_started(runtimes: dict[str, ModelRuntime],
         await asyncio.sleep(0.05)
         assert not closing.done(), "close() returned while a run was still going"
         with pytest.raises(ShuttingDownError):
-            await runner.submit(model.alphabet.encode(["he"]), model.zero_state(1), None)
+            await runner.submit(model.alphabet.indices(["he"]), model.zero_state(1), None)
         model.gate.set()
         await asyncio.wait_for(closing, 10)
         outputs, _ = await running  # the run that was going still answered its caller
@@ -376,13 +360,13 @@ def test_a_failure_while_splitting_results_reaches_the_callers_instead_of_hangin
         if len(calls) == 1:
             raise RuntimeError("observer broke")
 
-    batcher = Batcher(model, BatchSettings(), observer)
+    batcher = Batcher(model, batch_settings(), observer)
 
     async def scenario() -> None:
         batcher.start()
         with pytest.raises(RuntimeError, match="observer broke"):
-            await asyncio.wait_for(batcher.submit(model.alphabet.encode(["hello"]), model.zero_state(1), None), 10)
-        again = batcher.submit(model.alphabet.encode(["he"]), model.zero_state(1), None)
+            await asyncio.wait_for(batcher.submit(model.alphabet.indices(["hello"]), model.zero_state(1), None), 10)
+        again = batcher.submit(model.alphabet.indices(["he"]), model.zero_state(1), None)
         outputs, _ = await asyncio.wait_for(again, 10)
         assert outputs.h_n.shape == (1, 1, 2)
         await asyncio.wait_for(batcher.close(), 10)
@@ -394,7 +378,7 @@ def test_a_failure_while_splitting_results_reaches_the_callers_instead_of_hangin
 def test_cancelled_callers_words_are_skipped(runtimes: dict[str, ModelRuntime]) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
     recorder = Recorder()
-    batcher = Batcher(model, BatchSettings(max_batch_words=100), recorder)
+    batcher = Batcher(model, batch_settings(max_batch_words=100), recorder)
 
     submit = functools.partial(start_submit, batcher, model)
 
@@ -422,7 +406,7 @@ def test_cancelled_callers_words_are_skipped(runtimes: dict[str, ModelRuntime]) 
 def test_batches_run_side_by_side_up_to_the_limit_then_merge(runtimes: dict[str, ModelRuntime]) -> None:
     model = GatedRuntime(runtimes["rnn"].folder)
     recorder = Recorder()
-    batcher = Batcher(model, BatchSettings(max_batch_words=100), recorder, max_concurrent_runs=2)
+    batcher = Batcher(model, batch_settings(max_batch_words=100), recorder, max_concurrent_runs=2)
 
     submit = functools.partial(start_submit, batcher, model)
 
@@ -456,7 +440,7 @@ def _lone_latencies(runner: Batcher | DirectRunner, model: ModelRuntime, repeats
     """Seconds each of `repeats` back-to-back requests took, one at a time (no company ever comes)."""
     async def scenario() -> list[float]:
         runner.start()
-        encoded, h0 = model.alphabet.encode(["hello"]), model.zero_state(1)
+        encoded, h0 = model.alphabet.indices(["hello"]), model.zero_state(1)
         took = []
         for _ in range(repeats):
             started = time.perf_counter()
@@ -470,7 +454,7 @@ def _lone_latencies(runner: Batcher | DirectRunner, model: ModelRuntime, repeats
 
 def test_a_lone_request_does_not_wait_for_max_delay(runtimes: dict[str, ModelRuntime]) -> None:
     model = runtimes["rnn"]
-    batched = _lone_latencies(Batcher(model, BatchSettings(max_delay_s=0.2)), model)
+    batched = _lone_latencies(Batcher(model, batch_settings(max_delay_s=0.2)), model)
     direct = _lone_latencies(DirectRunner(model), model)
     # Every request, not just the best: one that followed its predecessor too closely used to look "behind".
     assert max(batched) < 0.1, f"a lone request took {max(batched) * 1000:.1f} ms with max_delay 200 ms"
@@ -480,11 +464,11 @@ def test_a_lone_request_does_not_wait_for_max_delay(runtimes: dict[str, ModelRun
 def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: dict[str, ModelRuntime]) -> None:
     model = runtimes["rnn"]
     recorder = Recorder()
-    batcher = Batcher(model, BatchSettings(max_batch_words=100, max_delay_s=0.3), recorder)
+    batcher = Batcher(model, batch_settings(max_batch_words=100, max_delay_s=0.3), recorder)
 
     async def submit(words: list[str], after: float) -> None:
         await asyncio.sleep(after)
-        await batcher.submit(model.alphabet.encode(words), model.zero_state(len(words)), None)
+        await batcher.submit(model.alphabet.indices(words), model.zero_state(len(words)), None)
 
     async def scenario() -> None:
         batcher.start()
@@ -504,9 +488,9 @@ class ThreadRecordingRuntime(ModelRuntime):
     threads: list[int]
 
     def start_run(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
+        self, encoded: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
     ) -> None:
-        def noted(outputs: BatchOutputs | None, error: BaseException | None) -> None:
+        def noted(outputs: RunOutputs | None, error: BaseException | None) -> None:
             self.threads.append(threading.get_ident())
             done(outputs, error)
 
@@ -518,15 +502,15 @@ def test_onnxruntime_runs_off_the_event_loop(runtimes: dict[str, ModelRuntime], 
     model = ThreadRecordingRuntime(runtimes["lstm"].folder, "cpu")
     model.threads = []
     runner: Batcher | DirectRunner = (
-        Batcher(model, BatchSettings(max_batch_words=100)) if batching else DirectRunner(model)
+        Batcher(model, batch_settings(max_batch_words=100)) if batching else DirectRunner(model)
     )
 
     async def scenario() -> int:
         runner.start()
         for words in (["hello"], ["hello"], ["he", "lo"]):
             h0 = model.zero_state(len(words))
-            outputs, _ = await runner.submit(model.alphabet.encode(words), h0, np.zeros_like(h0))
-            direct = model.run(model.alphabet.encode(words), h0, np.zeros_like(h0))  # not a started run: not noted
+            outputs, _ = await runner.submit(model.alphabet.indices(words), h0, np.zeros_like(h0))
+            direct = model.run(model.alphabet.indices(words), h0, np.zeros_like(h0))  # not a started run: not noted
             np.testing.assert_array_equal(outputs.outputs, direct.outputs)
         await runner.close()
         return threading.get_ident()
@@ -534,102 +518,3 @@ def test_onnxruntime_runs_off_the_event_loop(runtimes: dict[str, ModelRuntime], 
     loop_thread = asyncio.run(scenario())
     assert len(model.threads) == 3
     assert loop_thread not in model.threads, "an onnxruntime run happened on the event loop's thread"
-
-
-# ---- the hand-serialised response ----------------------------------------------------------------------------------
-
-
-def field_by_field(result: EncodeResult) -> pb.EncodeResponse:
-    """The response as protobuf's own API builds it (what the service did before serialising by hand)."""
-    manifest = result.model.manifest
-    response = pb.EncodeResponse(model=manifest.name, hidden_size=manifest.hidden_size, num_layers=manifest.num_layers)
-    for item in result.words:
-        if isinstance(item, WordEncoding):
-            response.results.add(
-                word=item.word,
-                length=len(item.outputs),
-                outputs=item.outputs.ravel().tolist(),
-                hidden=item.hidden.ravel().tolist(),
-                cell=item.cell.ravel().tolist() if item.cell is not None else (),
-            )
-        else:
-            assert isinstance(item, InvalidWordError)
-            response.results.add(word=item.word, length=len(item.word), error=str(item))
-    return response
-
-
-def request_shapes(rng: random.Random, letters: str) -> Iterator[list[str]]:
-    """Requests that take every path of the serialiser: the per-word loop (few words, bad words reported,
-    non-ASCII characters), and the vectorised build (one length group, several)."""
-    for _ in range(15):  # mixed, with bad words: the loop
-        yield [
-            "".join(rng.choice(letters + "xé😀") for _ in range(rng.choice([0, 1, 3, 25, rng.randint(1, 20)])))
-            for _ in range(rng.randint(1, 30))
-        ]
-    for count in (20, 64, 300):  # all one length: one block
-        length = rng.randint(1, 20)
-        yield ["".join(rng.choice(letters) for _ in range(length)) for _ in range(count)]
-    for count in (60, 400):  # a few lengths: blocks joined in request order
-        yield ["".join(rng.choice(letters) for _ in range(rng.choice([2, 7, 19]))) for _ in range(count)]
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_hand_serialised_response_equals_the_field_by_field_message(
-    runtimes: dict[str, ModelRuntime], model: str
-) -> None:
-    rng = random.Random(7)
-    letters = runtimes[model].manifest.alphabet
-    queue_seconds = Metrics().queue_seconds.labels(model)
-
-    async def scenario() -> None:
-        engine = Engine(runtimes, Limits(max_word_length=20), BatchSettings())
-        engine.start()
-        for words in request_shapes(rng, letters):
-            batch = await engine.encode_batch(model, words, report_invalid=True)
-            response = pb.EncodeResponse.FromString(_response(batch, time.perf_counter(), queue_seconds))
-            assert response.timing.total_ms > 0
-            if batch.stats is not None:  # some words ran (not every one was reported invalid)
-                assert response.timing.inference_ms > 0 and response.timing.queue_ms >= 0
-            response.ClearField("timing")
-            expected = field_by_field(await engine.encode(model, words, report_invalid=True))
-            assert response == expected
-            assert response.SerializeToString() == expected.SerializeToString()
-        await engine.close()
-
-    asyncio.run(scenario())
-
-
-# ---- over a real server --------------------------------------------------------------------------------------------
-
-
-def test_a_burst_against_a_small_queue_gets_some_resource_exhausted_and_the_rest_exact(
-    model_repository: Path, tmp_path: Path, modules: dict[str, nn.RNNBase], runtimes: dict[str, ModelRuntime]
-) -> None:
-    server = start_server(model_repository, tmp_path, "--max-queue-words", "8", "--max-batch-words", "8")
-    rng = random.Random(3)
-    runtime, module = runtimes[LARGE_MODEL], modules[LARGE_MODEL]
-    requests = [
-        ["".join(rng.choice(LARGE_ALPHABET) for _ in range(rng.randint(20, 40))) for _ in range(4)]
-        for _ in range(120)
-    ]
-
-    async def burst() -> list[list[object] | BaseException]:
-        async with AsyncCharRnnClient(server.target, timeout=60) as client:
-            return await asyncio.gather(
-                *(client.encode(LARGE_MODEL, words) for words in requests), return_exceptions=True
-            )
-
-    try:
-        outcomes = asyncio.run(burst())
-    finally:
-        assert server.stop() == 0, server.log()
-    rejected = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-    assert rejected, "a burst of 120 requests never filled a queue of 8 words"
-    assert all(isinstance(error, ResourceExhaustedError) and "is overloaded" in error.details for error in rejected)
-    answered = [(words, outcome) for words, outcome in zip(requests, outcomes, strict=True) if isinstance(outcome, list)]
-    assert answered, "every request was rejected"
-    for words, encodings in answered:
-        for word, encoding in zip(words, encodings, strict=True):
-            expected = eager(module, runtime, word, None)
-            got = WordEncoding(encoding.word, encoding.outputs, encoding.hidden, encoding.cell)  # type: ignore[attr-defined]
-            assert max_error(got, expected) <= PARITY_TOLERANCE

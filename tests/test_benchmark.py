@@ -1,7 +1,8 @@
-"""clients/benchmark.py: the ratios, the estimated bounds and the report are computed from the run's figures.
+"""clients/bench: the ratios, the estimated bounds and the report are computed from the run's figures.
 
 The benchmark itself is a script that measures (docs/performance.md); these tests check its arithmetic on
-figures given here, and run the handler measurement (real Engine, real onnxruntime, no gRPC) briefly.
+figures given here (unit), and run the handler measurement (real Engine, real onnxruntime, no gRPC) briefly
+on the exported repository (e2e).
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ from typing import Any
 
 import pytest
 
-from clients.benchmark import (
-    LARGE_MODEL,
-    MAIN_MODEL,
-    QUICK,
-    Cell,
-    Report,
-    evaluate,
-    measure_handler,
-    render,
-)
+from clients.bench.inprocess import measure_handler
+from clients.bench.plan import LARGE_MODEL, MAIN_MODEL, QUICK, Cell, Report
+from clients.bench.report import render
+from clients.bench.targets import evaluate
+from server.config import ServerConfig
 
 
 def result(requests_per_s: float, words: int, p50_ms: float, response_bytes: int = 100) -> dict[str, Any]:
@@ -43,7 +39,7 @@ def echo(concurrency: int, words: int, rate: float, p50: float, server_cpu: floa
 
 def report_with(cells: list[Cell], handler: list[dict[str, Any]], cores: int = 2) -> Report:
     return Report(
-        command="python -m clients.benchmark", started_utc="2026-11-29 10:00",
+        command="python -m clients.bench.benchmark", started_utc="2026-11-29 10:00",
         machine={"nproc": cores, "affinity": cores, "cpu_model": "test", "memory_gib": 1, "gpu": "none",
                  "load_average_at_start": [0, 0, 0], "python": "3.11", "onnxruntime": "x",
                  "onnxruntime_providers_available": ["CPUExecutionProvider"], "grpcio": "x", "numpy": "x",
@@ -71,6 +67,7 @@ def checks_by_name(report: Report) -> dict[str, Any]:
     return {check.name.split(":")[0]: check for check in evaluate(report)}
 
 
+@pytest.mark.unit
 def test_ratios_and_bounds_come_from_the_cells() -> None:
     cells = [
         server(MAIN_MODEL, True, 1, 1, 1000, p50=0.84),
@@ -108,6 +105,7 @@ def test_ratios_and_bounds_come_from_the_cells() -> None:
     assert checks["RSS under load / idle"].ratio == pytest.approx(1.2)
 
 
+@pytest.mark.unit
 def test_a_target_measured_in_repeats_takes_the_median_ratio() -> None:
     cells = []
     for repeat, (ours, theirs) in enumerate([(2000, 4000), (3600, 4000), (3000, 4000)]):
@@ -120,6 +118,7 @@ def test_a_target_measured_in_repeats_takes_the_median_ratio() -> None:
     assert render(report, evaluate(report)).count("| unary | on | 64 | 1 |") == 1  # repeats stay out of the tables
 
 
+@pytest.mark.unit
 def test_no_cpu_bound_is_claimed_when_the_echo_left_cores_idle() -> None:
     cells = [server(MAIN_MODEL, True, 64, 1, 3000), echo(64, 1, 1000, 15.0, 250, 200)]  # 0.45 of 2 cores
     check = checks_by_name(report_with(cells, HANDLER))["1 word, concurrency 64"]
@@ -127,6 +126,7 @@ def test_no_cpu_bound_is_claimed_when_the_echo_left_cores_idle() -> None:
     assert check.bound is None
 
 
+@pytest.mark.unit
 def test_the_report_shows_every_table_and_the_bounds() -> None:
     cells = [server(MAIN_MODEL, True, 64, 1, 3000), echo(64, 1, 4000, 15.0, 250, 200)]
     report = report_with(cells, HANDLER)
@@ -142,9 +142,11 @@ def test_the_report_shows_every_table_and_the_bounds() -> None:
     assert "| `--max-queue-delay-ms 0 --run-threads 1` | lstm | 8 | 1 | 2,000 | 4.000 | 1.5 |" in text
 
 
+@pytest.mark.e2e
 def test_the_handler_is_measured_without_grpc_on_the_real_engine(model_repository: Path) -> None:
     plan = replace(QUICK, warmup_s=0.05, inprocess_s=0.05)
-    rows = measure_handler(model_repository, "cpu", ["--max-queue-delay-ms", "1"], plan)
+    config = ServerConfig(repository=model_repository, device="cpu", max_queue_delay_ms=1.0)
+    rows = measure_handler(config, plan)
     assert [(row["concurrency"], row["words"]) for row in rows] == [(1, 1), (64, 1), (64, 32)]
     for row in rows:
         assert row["requests"] > 0 and row["requests_per_s"] > 0

@@ -1,21 +1,28 @@
-"""The charrnn command line, run as users run it (the installed console script, a subprocess) against a real server."""
+"""The charrnn command line, run as users run it (the installed console script, a subprocess) against a real server.
+
+Tests that need no server (usage errors, dead ports, formatting) are marked unit; the others e2e.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 
-from clients.cli import read_words
+from clients.cli import EXIT_BAD_REQUEST, EXIT_FAILURE, error_line, exit_code, read_words
 from clients.client import CharRnnClient
-from conftest import LARGE_ALPHABET, LARGE_MODEL, ServerProcess, console_script
+from clients.errors import CharRnnError, ErrorDetails
+from tests.helpers import LARGE_ALPHABET, LARGE_MODEL, ServerProcess, console_script, free_port
+
+e2e = pytest.mark.e2e
+unit = pytest.mark.unit
 
 CLI_TIMEOUT_S = 60
 
@@ -40,9 +47,7 @@ def charrnn(
 
 def dead_target() -> str:
     """host:port where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
@@ -54,6 +59,7 @@ def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
 # ---- encode ----------------------------------------------------------------------------------------------------
 
 
+@e2e
 def test_encode_table(server: ServerProcess, client: CharRnnClient) -> None:
     result = charrnn("encode", "--model", "lstm", "hello", "leo", target=server.target)
     assert result.returncode == 0, result.stderr
@@ -76,6 +82,7 @@ def test_encode_table(server: ServerProcess, client: CharRnnClient) -> None:
             assert line.split()[2:] == [f"{value:+.6f}" for value in row]
 
 
+@e2e
 def test_encode_table_without_cell_for_rnn(server: ServerProcess) -> None:
     result = charrnn("encode", "--model", "rnn_multi_layers", "hel", target=server.target)
     assert result.returncode == 0, result.stderr
@@ -86,6 +93,7 @@ def test_encode_table_without_cell_for_rnn(server: ServerProcess) -> None:
     ]
 
 
+@e2e
 @pytest.mark.parametrize("model", ["rnn", "lstm", LARGE_MODEL])
 def test_encode_json_equals_the_client_library(server: ServerProcess, client: CharRnnClient, model: str) -> None:
     words = ["hello", "h", "oleh"] if model != LARGE_MODEL else ["Hello-World", "z", LARGE_ALPHABET]
@@ -103,6 +111,7 @@ def test_encode_json_equals_the_client_library(server: ServerProcess, client: Ch
             assert np.asarray(got[key]).shape == np.asarray(want[key]).shape
 
 
+@e2e
 def test_encode_words_from_stdin(server: ServerProcess, client: CharRnnClient) -> None:
     result = charrnn("encode", "--model", "rnn", "--json", target=server.target, stdin="hel\nlo\nhello\n")
     assert result.returncode == 0, result.stderr
@@ -115,19 +124,22 @@ def test_encode_words_from_stdin(server: ServerProcess, client: CharRnnClient) -
     assert [record["word"] for record in json.loads(without_final_newline.stdout)["results"]] == ["hel", "lo"]
 
 
+@e2e
 def test_empty_line_on_stdin_is_an_empty_word(server: ServerProcess) -> None:
     result = charrnn("encode", "--model", "rnn", target=server.target, stdin="hel\n\nlo\n")
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.strip() == "charrnn: error: INVALID_ARGUMENT: word 1 '': the word is empty"
+    assert result.stderr.strip() == "charrnn: error: INVALID_ARGUMENT (WORD_EMPTY): word 1 '': the word is empty"
 
 
+@e2e
 def test_empty_stdin_is_no_words(server: ServerProcess) -> None:
     result = charrnn("encode", "--model", "rnn", target=server.target, stdin="")
     assert result.returncode == 2
-    assert result.stderr.strip() == "charrnn: error: INVALID_ARGUMENT: the request has no words"
+    assert result.stderr.strip() == "charrnn: error: INVALID_ARGUMENT (NO_WORDS): the request has no words"
 
 
+@unit
 def test_read_words() -> None:
     assert read_words(io.StringIO("")) == []
     assert read_words(io.StringIO("\n")) == [""]
@@ -138,44 +150,68 @@ def test_read_words() -> None:
     assert read_words(io.StringIO(" he \n")) == [" he "]  # spaces are characters, kept for the server to judge
 
 
+@e2e
 def test_bad_character_names_the_word_and_character(server: ServerProcess) -> None:
     result = charrnn("encode", "--model", "lstm", "hello", "hexo", target=server.target)
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip() == (
-        "charrnn: error: INVALID_ARGUMENT: "
+        "charrnn: error: INVALID_ARGUMENT (WORD_NOT_IN_ALPHABET): "
         "word 1 'hexo': character 'x' at position 2 is not in the model's alphabet 'helo'"
     )
     assert_no_traceback(result)
 
 
+@e2e
 def test_unknown_model(server: ServerProcess) -> None:
     result = charrnn("encode", "--model", "no_such_model", "hello", target=server.target)
     assert result.returncode == 2
-    assert result.stderr.startswith("charrnn: error: NOT_FOUND: model 'no_such_model' is not loaded")
+    assert result.stderr.startswith("charrnn: error: NOT_FOUND (MODEL_NOT_FOUND): model 'no_such_model' is not loaded")
     assert result.stdout == ""
     assert_no_traceback(result)
 
 
+@e2e
 def test_too_many_words_exits_1(server: ServerProcess) -> None:
     result = charrnn("encode", "--model", "rnn", target=server.target, stdin="h\n" * 4097)
     assert result.returncode == 1
-    assert result.stderr.startswith("charrnn: error: RESOURCE_EXHAUSTED: ")
+    assert result.stderr.startswith("charrnn: error: RESOURCE_EXHAUSTED (TOO_MANY_WORDS): ")
     assert "4097" in result.stderr
 
 
+@e2e
 def test_timeout_flag_applies(server: ServerProcess) -> None:
     # About 0.2 s of server work against a 10 ms timeout.
     result = charrnn("--timeout", "0.01", "encode", "--model", "lstm", target=server.target,
                      stdin=("hello" * 51 + "h\n") * 500)
     assert result.returncode == 1
-    assert result.stderr.startswith("charrnn: error: DEADLINE_EXCEEDED: ")
+    assert result.stderr.startswith("charrnn: error: DEADLINE_EXCEEDED: ")  # the client's deadline: no reason
     assert_no_traceback(result)
+
+
+@unit
+def test_error_line_and_exit_code() -> None:
+    bad_word = CharRnnError(
+        grpc.StatusCode.INVALID_ARGUMENT, "word 0 'hex': character 'x' at position 2 is not in the model's alphabet",
+        ErrorDetails("WORD_NOT_IN_ALPHABET", {"word_index": "0", "position": "2"}),
+    )
+    assert error_line(bad_word) == (
+        "charrnn: error: INVALID_ARGUMENT (WORD_NOT_IN_ALPHABET): "
+        "word 0 'hex': character 'x' at position 2 is not in the model's alphabet"
+    )
+    assert exit_code(bad_word) == EXIT_BAD_REQUEST
+    unreachable = CharRnnError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    assert error_line(unreachable) == "charrnn: error: UNAVAILABLE: connection refused"
+    assert exit_code(unreachable) == EXIT_FAILURE
+    queue_full = CharRnnError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", ErrorDetails("QUEUE_FULL"))
+    assert exit_code(queue_full) == EXIT_FAILURE
+    assert exit_code(CharRnnError(grpc.StatusCode.NOT_FOUND, "unknown service")) == EXIT_BAD_REQUEST
 
 
 # ---- models and health -----------------------------------------------------------------------------------------
 
 
+@e2e
 def test_models_table(server: ServerProcess) -> None:
     result = charrnn("models", target=server.target)
     assert result.returncode == 0, result.stderr
@@ -190,6 +226,7 @@ def test_models_table(server: ServerProcess) -> None:
     }
 
 
+@e2e
 def test_models_json(server: ServerProcess, client: CharRnnClient) -> None:
     result = charrnn("models", "--json", target=server.target)
     assert result.returncode == 0, result.stderr
@@ -203,6 +240,7 @@ def test_models_json(server: ServerProcess, client: CharRnnClient) -> None:
     assert next(model for model in printed if model["name"] == "lstm")["nonlinearity"] is None
 
 
+@e2e
 def test_health_serving(server: ServerProcess) -> None:
     result = charrnn("health", target=server.target)
     assert (result.returncode, result.stdout, result.stderr) == (0, "SERVING\n", "")
@@ -210,12 +248,14 @@ def test_health_serving(server: ServerProcess) -> None:
     assert (service.returncode, service.stdout) == (0, "SERVING\n")
 
 
+@e2e
 def test_health_of_unknown_service_exits_nonzero(server: ServerProcess) -> None:
     result = charrnn("health", "--service", "no.such.Service", target=server.target)
     assert result.returncode == 2  # the health service answers NOT_FOUND
-    assert result.stderr.startswith("charrnn: error: NOT_FOUND")
+    assert result.stderr.startswith("charrnn: error: NOT_FOUND: ")  # gRPC's health service sends no reason
 
 
+@e2e
 def test_target_from_environment(server: ServerProcess) -> None:
     result = charrnn("health", target=None, env={"CHARRNN_TARGET": server.target})
     assert (result.returncode, result.stdout) == (0, "SERVING\n"), result.stderr
@@ -223,6 +263,7 @@ def test_target_from_environment(server: ServerProcess) -> None:
     assert overridden.returncode == 1  # --target wins over the environment
 
 
+@unit
 def test_health_of_a_dead_port_fails_quickly() -> None:
     started = time.monotonic()
     result = charrnn("--timeout", "2", "health", target=dead_target())
@@ -236,6 +277,7 @@ def test_health_of_a_dead_port_fails_quickly() -> None:
     assert elapsed < 15, elapsed  # interpreter start-up plus at most the 2 s timeout
 
 
+@unit
 def test_encode_against_a_dead_port() -> None:
     result = charrnn("--timeout", "2", "encode", "--model", "rnn", "hello", target=dead_target())
     assert result.returncode == 1
@@ -243,6 +285,7 @@ def test_encode_against_a_dead_port() -> None:
     assert_no_traceback(result)
 
 
+@unit
 def test_usage_errors() -> None:
     missing_model = charrnn("encode", "hello", target="127.0.0.1:1")
     assert missing_model.returncode == 2 and "--model" in missing_model.stderr

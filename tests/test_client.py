@@ -1,18 +1,16 @@
 """The client library (clients/client.py) against a real charrnn-server.
 
-Numbers against eager PyTorch, states, asyncio, timeouts, typed errors, retries, streams.
+Numbers against eager PyTorch, states, asyncio, timeouts, typed errors and their reasons, streams (sync and
+asyncio). What errors mean without a server, and gRPC's retries: tests/test_client_errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import socket
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -28,19 +26,20 @@ from clients.client import (
     CharRnnClient,
     CharRnnError,
     DeadlineExceededError,
+    EncodeRequest,
     Encoding,
     InvalidArgumentError,
+    ModelInfo,
     ModelNotFoundError,
     ResourceExhaustedError,
     State,
-    UnavailableError,
     build_request,
 )
-from conftest import LARGE_ALPHABET, LARGE_MODEL, ServerProcess
 from export.models import BUILTIN_ALPHABET, BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.trace import PARITY_TOLERANCE, WordResult, eager_word
-from proto.charrnn.v1 import charrnn_pb2 as pb
-from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from tests.helpers import LARGE_ALPHABET, LARGE_MODEL, ServerProcess
+
+pytestmark = pytest.mark.e2e
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -124,13 +123,6 @@ def requests_total(server: ServerProcess, method: str, model: str, code: str) ->
     return 0.0
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # ---- numbers ---------------------------------------------------------------------------------------------------
 
 
@@ -174,14 +166,27 @@ def test_health_and_metadata(client: CharRnnClient, modules: dict[str, nn.RNNBas
     models = client.models()
     assert [model.name for model in models] == sorted([*BUILTIN_SPECS, LARGE_MODEL])
     for metadata in models:
+        assert isinstance(metadata, ModelInfo)  # the library's own value, not a protobuf message
         module = modules[metadata.name]
-        assert metadata.kind == ("lstm" if isinstance(module, nn.LSTM) else "rnn")
+        lstm = isinstance(module, nn.LSTM)
+        assert metadata.kind == ("lstm" if lstm else "rnn")
         assert (metadata.input_size, metadata.hidden_size, metadata.num_layers) == (
             module.input_size, module.hidden_size, module.num_layers,
         )
+        assert metadata.state_shape == (module.num_layers, module.hidden_size)
+        assert metadata.nonlinearity == (None if lstm else "tanh")
         assert metadata.alphabet == alphabet_of(metadata.name)
         assert metadata.execution_provider == "CPUExecutionProvider"  # the fixture runs --device cpu
+        assert metadata.max_word_length == 256
+        assert type(metadata.artifact_sha256) is dict and set(metadata.artifact_sha256) == {"model.onnx", "model.pt"}
+        assert all(len(digest) == 64 for digest in metadata.artifact_sha256.values())
         assert client.model(metadata.name) == metadata
+    record = models[0].to_json()
+    assert list(record) == [
+        "name", "kind", "input_size", "hidden_size", "num_layers", "nonlinearity", "alphabet",
+        "execution_provider", "max_word_length", "artifact_sha256",
+    ]
+    assert list(record["artifact_sha256"]) == ["model.onnx", "model.pt"]
 
 
 # ---- states ----------------------------------------------------------------------------------------------------
@@ -229,6 +234,7 @@ def test_bad_states(client: CharRnnClient) -> None:
     with pytest.raises(InvalidArgumentError) as wrong_size:
         client.encode("rnn_multi_layers", ["he"], [State(np.zeros((1, 2), np.float32))])
     assert "initial hidden state has 2 values" in wrong_size.value.details
+    assert wrong_size.value.reason == "INVALID_STATE"
     with pytest.raises(InvalidArgumentError) as cell_for_rnn:
         client.encode("rnn", ["he"], [State(np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32))])
     assert "no cell state" in cell_for_rnn.value.details
@@ -241,7 +247,10 @@ def test_async_client(server: ServerProcess, client: CharRnnClient, modules: dic
     async def scenario() -> tuple[str, list[str], list[list[Encoding]], list[Encoding], CharRnnError]:
         async with AsyncCharRnnClient(server.target) as aclient:
             status = await aclient.health()
-            names = [model.name for model in await aclient.models()]
+            infos = await aclient.models()
+            assert all(isinstance(info, ModelInfo) for info in infos)
+            assert await aclient.model("lstm") == next(info for info in infos if info.name == "lstm")
+            names = [info.name for info in infos]
             # Concurrent calls (the server may batch them together) each get their own words back.
             batches = await asyncio.gather(*(aclient.encode("lstm", [word, word[::-1]]) for word in WORDS))
             first = (await aclient.encode("rnn_multi_layers", ["hel"]))[0]
@@ -267,6 +276,7 @@ def test_async_client(server: ServerProcess, client: CharRnnClient, modules: dic
     assert_matches(continued[1], eager(multi, "rnn_multi_layers", "lo"), "async None state")
     assert isinstance(missing, ModelNotFoundError)
     assert missing.code == grpc.StatusCode.NOT_FOUND and "no_such_model" in missing.details
+    assert missing.reason == "MODEL_NOT_FOUND"
 
 
 def test_async_timeouts_and_errors(server: ServerProcess) -> None:
@@ -290,6 +300,8 @@ def test_async_timeouts_and_errors(server: ServerProcess) -> None:
     assert [encoding.word for encoding in encoded] == ["hel"] and encoded[0].outputs.shape == (3, 2)
     assert isinstance(bad_word, InvalidArgumentError) and bad_word.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "'x'" in bad_word.details
+    assert bad_word.reason == "WORD_NOT_IN_ALPHABET" and bad_word.info.metadata == {"word_index": "0", "position": "2"}
+    assert deadline.reason is None  # the client's own deadline: nothing from the server
 
 
 # ---- timeouts --------------------------------------------------------------------------------------------------
@@ -322,99 +334,41 @@ def test_typed_errors_carry_code_and_details(client: CharRnnClient) -> None:
     assert bad_char.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_char.value.details == "word 1 'hexo': character 'x' at position 2 is not in the model's alphabet 'helo'"
     assert str(bad_char.value) == f"INVALID_ARGUMENT: {bad_char.value.details}"
+    assert bad_char.value.reason == "WORD_NOT_IN_ALPHABET"
+    assert bad_char.value.info.metadata == {"word_index": "1", "position": "2"}
+    assert not bad_char.value.retryable
 
     with pytest.raises(InvalidArgumentError) as empty:
         client.encode("rnn", [""])
     assert "word 0 ''" in empty.value.details and "empty" in empty.value.details
+    assert empty.value.reason == "WORD_EMPTY" and empty.value.info.metadata == {"word_index": "0"}
 
     with pytest.raises(InvalidArgumentError) as too_long:
         client.encode("rnn", ["h" * 257])
     assert "257 characters" in too_long.value.details and "256" in too_long.value.details
+    assert too_long.value.reason == "WORD_TOO_LONG"
 
     with pytest.raises(InvalidArgumentError) as no_words:
         client.encode("rnn", [])
     assert "no words" in no_words.value.details
+    assert no_words.value.reason == "NO_WORDS"
 
     with pytest.raises(ModelNotFoundError) as missing:
         client.encode("no_such_model", ["hello"])
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
     assert "'no_such_model'" in missing.value.details and "lstm" in missing.value.details
+    assert missing.value.reason == "MODEL_NOT_FOUND" and not missing.value.retryable
 
     with pytest.raises(ResourceExhaustedError) as too_many:
         client.encode("rnn", ["h"] * 4097)
     assert too_many.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "4097" in too_many.value.details
+    assert too_many.value.reason == "TOO_MANY_WORDS" and not too_many.value.retryable
 
     for error in (bad_char.value, missing.value, too_many.value):
         assert isinstance(error, CharRnnError)
 
 
 # ---- retries ---------------------------------------------------------------------------------------------------
-
-
-def test_unreachable_server_raises_unavailable_after_retries() -> None:
-    with CharRnnClient(f"127.0.0.1:{free_port()}", timeout=20) as dead:
-        started = time.monotonic()
-        with pytest.raises(UnavailableError) as unavailable:
-            dead.health()
-        elapsed = time.monotonic() - started
-    assert unavailable.value.code == grpc.StatusCode.UNAVAILABLE
-    assert unavailable.value.details  # gRPC's reason (connection refused / backends failing)
-    # The retry budget (5 attempts, backoff capped at 2 s) ends well before the 20 s deadline: UNAVAILABLE, not a hang.
-    assert elapsed < 15, elapsed
-
-
-class _FlakyService(pb_grpc.CharRnnServicer):
-    """A stand-in server (real gRPC, real socket) that answers UNAVAILABLE or INVALID_ARGUMENT a set number of times."""
-
-    def __init__(self, failures: int, code: grpc.StatusCode) -> None:
-        self.failures = failures
-        self.code = code
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        with self._lock:
-            self.calls += 1
-            attempt = self.calls
-        if attempt <= self.failures:
-            context.abort(self.code, f"attempt {attempt} refused")
-        return pb.ListModelsResponse(models=[pb.ModelMetadata(name=f"answered on attempt {attempt}")])
-
-
-def _serve_flaky(service: _FlakyService) -> tuple[grpc.Server, str]:
-    stand_in = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_CharRnnServicer_to_server(service, stand_in)
-    port = stand_in.add_insecure_port("127.0.0.1:0")
-    stand_in.start()
-    return stand_in, f"127.0.0.1:{port}"
-
-
-@pytest.mark.parametrize(
-    ("failures", "code", "calls", "outcome"),
-    [
-        (2, grpc.StatusCode.UNAVAILABLE, 3, "answered on attempt 3"),  # retried until it answered
-        (100, grpc.StatusCode.UNAVAILABLE, 5, UnavailableError),  # maxAttempts, then the last error
-        (100, grpc.StatusCode.INVALID_ARGUMENT, 1, InvalidArgumentError),  # never retried
-        (100, grpc.StatusCode.RESOURCE_EXHAUSTED, 1, ResourceExhaustedError),  # never retried
-    ],
-)
-def test_retries_only_unavailable(
-    failures: int, code: grpc.StatusCode, calls: int, outcome: str | type[CharRnnError]
-) -> None:
-    service = _FlakyService(failures, code)
-    stand_in, target = _serve_flaky(service)
-    try:
-        with CharRnnClient(target, timeout=30) as flaky:
-            if isinstance(outcome, str):
-                assert flaky.models()[0].name == outcome
-            else:
-                with pytest.raises(outcome) as raised:
-                    flaky.models()
-                assert raised.value.code == code
-                assert raised.value.details == f"attempt {calls} refused"
-    finally:
-        stand_in.stop(None)
-    assert service.calls == calls
 
 
 def settled_requests_total(server: ServerProcess, method: str, model: str, code: str, expected: float) -> float:
@@ -443,31 +397,145 @@ def test_invalid_argument_is_not_retried_by_the_real_server(client: CharRnnClien
 # ---- streaming -------------------------------------------------------------------------------------------------
 
 
-def test_encode_stream_keeps_order_over_many_requests(client: CharRnnClient) -> None:
-    rng = random.Random(42)
+def stream_plan(count: int, seed: int) -> list[EncodeRequest]:
+    """Random requests over the built-in models: mixed lengths, some with states (None among them), some bad words."""
+    rng = random.Random(seed)
     models = ["rnn", "lstm", "rnn_multi_layers"]
-    requests: list[tuple[str, list[str]]] = []
-    for index in range(300):
-        count = rng.randint(1, 12)
-        words = ["".join(rng.choices(BUILTIN_ALPHABET, k=rng.randint(1, 30))) for _ in range(count)]
-        requests.append((models[index % len(models)], words))
-    responses = list(client.encode_stream(build_request(model, words) for model, words in requests))
-    assert len(responses) == len(requests)
-    for index, ((model, words), encodings) in enumerate(zip(requests, responses, strict=True)):
-        assert [encoding.word for encoding in encodings] == words, f"response {index} is out of order"
-        assert all(encoding.outputs.shape == (len(word), 2) for encoding, word in zip(encodings, words, strict=True))
-        assert all((encoding.cell is not None) == (model == "lstm") for encoding in encodings)
-    # Spot-check the numbers of a few responses against unary calls.
-    for index in (0, 1, 2, 150, 299):
-        model, words = requests[index]
-        for got, want in zip(responses[index], client.encode(model, words), strict=True):
+    layers = {"rnn": 1, "lstm": 3, "rnn_multi_layers": 3}
+    plan = []
+    for index in range(count):
+        model = models[index % len(models)]
+        words = ["".join(rng.choices(BUILTIN_ALPHABET, k=rng.randint(1, 30))) for _ in range(rng.randint(1, 12))]
+        if index % 7 == 3:
+            words[0] = words[0][:1] + "x" + words[0][1:]  # reported in its own Encoding, the others encoded
+        states: list[State | None] | None = None
+        if index % 5 == 1:
+            states = [
+                None if rng.random() < 0.3 else State(
+                    np.asarray([rng.uniform(-1, 1) for _ in range(layers[model] * 2)], np.float32).reshape(-1, 2),
+                    np.zeros((3, 2), np.float32) if model == "lstm" else None,
+                )
+                for _ in words
+            ]
+        plan.append(EncodeRequest(model, words, states))
+    return plan
+
+
+def assert_stream_answers(plan: list[EncodeRequest], responses: list[list[Encoding]]) -> None:
+    """One response per request, in order, each with its words in order and the right shapes."""
+    assert len(responses) == len(plan)
+    for index, (request, encodings) in enumerate(zip(plan, responses, strict=True)):
+        assert [encoding.word for encoding in encodings] == list(request.words), f"response {index} is out of order"
+        for encoding, word in zip(encodings, request.words, strict=True):
+            if "x" in word:
+                assert "'x'" in encoding.error and encoding.outputs.shape == (0, 2)
+                continue
+            assert encoding.outputs.shape == (len(word), 2) and not encoding.error
+            assert (encoding.cell is not None) == (request.model == "lstm")
+
+
+def test_encode_stream_keeps_order_over_many_requests(client: CharRnnClient) -> None:
+    plan = stream_plan(300, seed=42)
+    responses = list(client.encode_stream(iter(plan)))
+    assert_stream_answers(plan, responses)
+    # Spot-check the numbers of a few responses (states among them) against unary calls.
+    for index in (0, 1, 2, 6, 150, 299):
+        request = plan[index]
+        expected = client.encode(request.model, request.words, request.states, report_invalid=True)
+        for got, want in zip(responses[index], expected, strict=True):
             assert_same(got, want, f"stream response {index}")
 
 
+def test_async_encode_stream_equals_the_sync_one(server: ServerProcess, client: CharRnnClient) -> None:
+    plan = stream_plan(120, seed=7)
+
+    async def produce() -> AsyncIterator[EncodeRequest]:
+        for request in plan:
+            await asyncio.sleep(0)
+            yield request
+
+    async def scenario() -> tuple[list[list[Encoding]], list[list[Encoding]]]:
+        async with AsyncCharRnnClient(server.target) as aclient:
+            from_list = [encodings async for encodings in aclient.encode_stream(plan)]
+            from_async = [encodings async for encodings in aclient.encode_stream(produce(), timeout=60)]
+        return from_list, from_async
+
+    from_list, from_async = asyncio.run(scenario())
+    expected = list(client.encode_stream(plan))
+    assert_stream_answers(plan, expected)
+    for answers in (from_list, from_async):
+        assert len(answers) == len(expected)
+        for index, (got, want) in enumerate(zip(answers, expected, strict=True)):
+            assert len(got) == len(want)
+            for a, b in zip(got, want, strict=True):
+                assert_same(a, b, f"async stream response {index}")
+
+
 def test_encode_stream_reports_bad_words_and_fails_on_unknown_model(client: CharRnnClient) -> None:
-    responses = list(client.encode_stream([build_request("rnn", ["hel", "hexo"]), build_request("lstm", ["lo"])]))
+    responses = list(client.encode_stream([EncodeRequest("rnn", ["hel", "hexo"]), EncodeRequest("lstm", ["lo"])]))
     assert [[encoding.word for encoding in response] for response in responses] == [["hel", "hexo"], ["lo"]]
     assert not responses[0][0].error and "'x'" in responses[0][1].error
+    received: list[list[str]] = []
     with pytest.raises(ModelNotFoundError) as missing:
-        list(client.encode_stream([build_request("rnn", ["hel"]), build_request("no_such_model", ["hel"])]))
-    assert "no_such_model" in missing.value.details
+        for encodings in client.encode_stream([EncodeRequest("rnn", ["hel"]), EncodeRequest("no_such_model", ["hel"])]):
+            received.append([encoding.word for encoding in encodings])
+    assert received == [["hel"]]
+    assert "no_such_model" in missing.value.details and missing.value.reason == "MODEL_NOT_FOUND"
+    with pytest.raises(InvalidArgumentError) as rejected:  # report_invalid=False: the first bad word ends the stream
+        list(client.encode_stream([EncodeRequest("rnn", ["hexo"], report_invalid=False)]))
+    assert rejected.value.reason == "WORD_NOT_IN_ALPHABET"
+
+
+def test_async_encode_stream_errors(server: ServerProcess) -> None:
+    async def scenario() -> tuple[list[list[str]], CharRnnError]:
+        received: list[list[str]] = []
+        async with AsyncCharRnnClient(server.target) as aclient:
+            try:
+                async for encodings in aclient.encode_stream(
+                    [EncodeRequest("rnn", ["hel", "hexo"]), EncodeRequest("no_such_model", ["hel"])]
+                ):
+                    received.append([encoding.error or encoding.word for encoding in encodings])
+            except CharRnnError as error:
+                return received, error
+        raise AssertionError("the stream of an unknown model succeeded")
+
+    received, error = asyncio.run(scenario())
+    assert len(received) == 1 and received[0][0] == "hel" and "'x'" in received[0][1]
+    assert isinstance(error, ModelNotFoundError) and error.reason == "MODEL_NOT_FOUND"
+
+
+def test_encode_stream_raises_the_callers_own_exception(server: ServerProcess, client: CharRnnClient) -> None:
+    # An exception while producing the requests (the caller's iterator, or states that do not fit) ends the
+    # stream: the requests sent before it are answered, then the exception itself is raised, not a gRPC error.
+    def failing() -> Iterator[EncodeRequest]:
+        yield EncodeRequest("rnn", ["hel"])
+        yield EncodeRequest("lstm", ["lo"], [None])  # a None state: the client looks the model's shape up
+        raise RuntimeError("no more words")
+
+    received: list[list[str]] = []
+    with pytest.raises(RuntimeError, match="no more words"):
+        for encodings in client.encode_stream(failing()):
+            received.append([encoding.word for encoding in encodings])
+    assert received == [["hel"], ["lo"]]
+    with pytest.raises(ValueError, match="1 states for 2 words"):
+        list(client.encode_stream([EncodeRequest("rnn", ["he", "lo"], [None])]))
+    with pytest.raises(TypeError, match="EncodeRequest values, not proto.charrnn.v1.charrnn_pb2.EncodeRequest"):  # a protobuf message
+        list(client.encode_stream([build_request("rnn", ["he"])]))  # type: ignore[list-item]
+
+    async def produce() -> AsyncIterator[EncodeRequest]:
+        yield EncodeRequest("rnn", ["hel"])
+        raise RuntimeError("no more words")
+
+    async def scenario() -> list[list[str]]:
+        got: list[list[str]] = []
+        async with AsyncCharRnnClient(server.target) as aclient:
+            with pytest.raises(RuntimeError, match="no more words"):
+                async for encodings in aclient.encode_stream(produce(), timeout=30):
+                    got.append([encoding.word for encoding in encodings])
+            with pytest.raises(ModelNotFoundError):  # the None state's shape lookup failed
+                async for _ in aclient.encode_stream([EncodeRequest("no_such_model", ["he"], [None])], timeout=30):
+                    pass
+            assert (await aclient.encode("rnn", ["lo"]))[0].word == "lo"  # the channel still serves
+        return got
+
+    assert asyncio.run(scenario()) == [["hel"]]

@@ -23,7 +23,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -37,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -601,12 +604,6 @@ def test_console_scripts_used_by_the_deployment_exist(configs: dict[str, dict[st
 # --------------------------------------------------------------------------------------------------
 # 4. The services' commands, run outside containers
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def console_script(name: str) -> str:

@@ -21,6 +21,8 @@ from export.models import CheckpointError, load_checkpoint
 from export.repository import export_model
 from export.trace import PARITY_TOLERANCE, expected_torch_notices
 
+pytestmark = pytest.mark.export
+
 FloatArray = npt.NDArray[np.float32]
 
 

@@ -12,9 +12,11 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import LARGE_ALPHABET, LARGE_MODEL
 from export.manifest import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, list_model_folders, sha256_file
 from export.trace import PARITY_TOLERANCE
+from tests.helpers import LARGE_ALPHABET, LARGE_MODEL
+
+pytestmark = pytest.mark.export
 
 BUILTINS = ("rnn", "rnn_multi_layers", "lstm")
 SCRIPT = Path(sys.executable).parent / "charrnn-export"

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import LARGE_ALPHABET, LARGE_MODEL
 from export.manifest import (
     MANIFEST_FILE,
     ONNX_FILE,
@@ -30,6 +29,9 @@ from export.manifest import (
 from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.repository import export_model
 from export.trace import ONNX_OPSET, PARITY_TOLERANCE, WordResult, expected_torch_notices, max_abs_error
+from tests.helpers import LARGE_ALPHABET, LARGE_MODEL
+
+pytestmark = pytest.mark.export
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int32]

@@ -1,5 +1,5 @@
-"""charrnn-loadgen against a real server (and the echo server): the report's fields, and its request counts
-against the server's own charrnn_requests_total."""
+"""charrnn-loadgen against a real server (and the echo server of clients.bench.echo): the report's fields, and its
+request counts against the server's own charrnn_requests_total."""
 
 from __future__ import annotations
 
@@ -11,17 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, console_script, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients.loadgen import LoadConfig, run_load
+from clients.loadgen.config import LoadConfig
+from clients.loadgen.fanout import run_load
 from clients.processes import spawn
+from tests.helpers import ServerProcess, console_script, start_server
+
+pytestmark = pytest.mark.e2e  # every test drives a server process (charrnn-server or the echo)
 
 LATENCY_FIELDS = ("p50", "p90", "p99", "mean", "max")
 FIELDS = (
     "mode", "target", "model", "concurrency", "words_per_request", "word_length", "processes", "duration_s",
-    "requests", "words", "issued", "warmup_requests", "errors", "requests_per_s", "words_per_s", "latency_ms",
-    "response_bytes",
+    "requests", "words", "issued", "warmup_requests", "errors", "retryable_errors", "requests_per_s", "words_per_s",
+    "latency_ms", "response_bytes",
 )
 
 
@@ -95,7 +98,7 @@ def test_stream_over_two_processes_sends_exactly_the_requested_count(own_server:
     assert requests_total(own_server, "EncodeStream") - before == 200  # one count per stream message
 
 
-def test_overload_is_counted_as_errors(model_repository: Path, tmp_path: Path) -> None:
+def test_refusals_are_counted_by_code_and_reason(model_repository: Path, tmp_path: Path) -> None:
     server = start_server(model_repository, tmp_path, "--max-words", "2")
     try:
         report = run_load(
@@ -103,7 +106,9 @@ def test_overload_is_counted_as_errors(model_repository: Path, tmp_path: Path) -
         )
     finally:
         assert server.stop() == 0, server.log()
-    assert report.requests == 0 and report.errors == {"RESOURCE_EXHAUSTED": 10}
+    assert report.requests == 0 and report.errors == {"RESOURCE_EXHAUSTED/TOO_MANY_WORDS": 10}
+    assert report.retryable_errors == 0  # the request itself is too large: sending it again cannot help
+    assert "errors: 10 RESOURCE_EXHAUSTED/TOO_MANY_WORDS (0 retryable)" in report.summary()
 
 
 def test_unknown_model_is_a_clear_error(own_server: ServerProcess) -> None:
@@ -115,9 +120,12 @@ def test_unknown_model_is_a_clear_error(own_server: ServerProcess) -> None:
     assert "NOT_FOUND: model 'nope' is not loaded" in completed.stderr
 
 
-def test_echo_server_answers_with_the_payload_size_asked_for(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "start", [["-m", "clients.bench.echo"], ["-m", "clients.loadgen", "--serve-echo"]], ids=["bench.echo", "serve-echo"]
+)
+def test_echo_server_answers_with_the_payload_size_asked_for(tmp_path: Path, start: list[str]) -> None:
     port_file = tmp_path / "echo.json"
-    command = [sys.executable, "-m", "clients.loadgen", "--serve-echo", "--port-file", str(port_file)]
+    command = [sys.executable, *start, "--port-file", str(port_file)]
     echo = spawn("echo", command, port_file, tmp_path / "echo.log", timeout=30)
     try:
         target = echo.target

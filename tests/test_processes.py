@@ -9,6 +9,8 @@ import pytest
 
 from clients.processes import spawn
 
+pytestmark = pytest.mark.unit  # plain Python subprocesses stand in for servers: no torch, no charrnn-server
+
 
 def test_a_process_that_exits_before_serving_is_an_error_with_its_output(tmp_path: Path) -> None:
     command = [sys.executable, "-c", "import sys; print('no models here'); sys.exit(3)"]

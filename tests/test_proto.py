@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = Path("proto/charrnn/v1/charrnn.proto")
 GENERATED = ("charrnn_pb2.py", "charrnn_pb2.pyi", "charrnn_pb2_grpc.py")

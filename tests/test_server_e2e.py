@@ -21,17 +21,18 @@ import numpy.typing as npt
 import pytest
 from torch import nn
 
-from clients.client import AsyncCharRnnClient, CharRnnClient, Encoding, State, build_request
-from conftest import LARGE_ALPHABET, LARGE_MODEL, ServerProcess, start_server
+from clients.client import AsyncCharRnnClient, CharRnnClient, EncodeRequest, Encoding, State, parse_model
 from export.manifest import sha256_file
 from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.trace import PARITY_TOLERANCE, eager_word
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from tests.helpers import CHANNEL_OPTIONS, LARGE_ALPHABET, LARGE_MODEL, ServerProcess, start_server
+
+pytestmark = pytest.mark.e2e
 
 MODELS = ("rnn", "rnn_multi_layers", "lstm", LARGE_MODEL)
 FIXED_LENGTHS = (1, 2, 5, 17, 64)
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
 @dataclass(frozen=True)
@@ -407,7 +408,7 @@ def test_encode_stream_blocking_client(client: CharRnnClient, references: dict[s
         ref = references[model]
         states = [random_state(rng, ref) for _ in words] if len(words) <= 10 else None
         states_plan.append(states)
-        requests.append(build_request(model, words, None if states is None else [State(*s) for s in states]))
+        requests.append(EncodeRequest(model, words, None if states is None else [State(*s) for s in states]))
     answers = list(client.encode_stream(iter(requests)))
     assert len(answers) == len(plan)
     for (model, words), states, encodings in zip(plan, states_plan, answers, strict=True):
@@ -453,4 +454,4 @@ def test_list_and_get_model_metadata(
             "model.pt": sha256_file(folder / "model.pt"),
         }
         assert stub.GetModel(pb.GetModelRequest(name=metadata.name), timeout=10) == metadata
-        assert client.model(metadata.name) == metadata
+        assert client.model(metadata.name) == parse_model(metadata)

@@ -21,19 +21,21 @@ from clients.client import (
     CharRnnClient,
     CharRnnError,
     DeadlineExceededError,
+    EncodeRequest,
     InvalidArgumentError,
     ModelNotFoundError,
     ResourceExhaustedError,
     State,
 )
-from conftest import LARGE_ALPHABET, LARGE_MODEL, ServerProcess, start_server
 from export.models import BUILTIN_SPECS, seeded_model
 from export.trace import PARITY_TOLERANCE, eager_word
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from tests.helpers import CHANNEL_OPTIONS, LARGE_ALPHABET, LARGE_MODEL, ServerProcess, start_server
+
+pytestmark = pytest.mark.e2e
 
 KNOWN = "large_lstm, lstm, rnn, rnn_multi_layers"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 LIMITED_MAX_WORDS = 4
 LIMITED_MAX_WORD_LENGTH = 8
 LIMITED_MAX_MESSAGE_BYTES = 4096
@@ -142,7 +144,7 @@ CASES: list[tuple[str, pb.EncodeRequest, grpc.StatusCode, str]] = [
         "word_over_default_limit",
         pb.EncodeRequest(model="rnn", words=["h" * 257]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"word 0 '{'h' * 257}': the word has 257 characters, more than the limit of 256",
+        f"word 0 '{'h' * 64}'... (257 characters): the word has 257 characters, more than the limit of 256",
     ),
     (
         "too_few_states",
@@ -354,7 +356,7 @@ def test_report_policy_returns_per_word_errors_and_exact_good_words(stub: pb_grp
     assert errors == {
         1: "word 1 '': the word is empty",
         2: "word 2 'hxl': character 'x' at position 1 is not in the model's alphabet 'helo'",
-        4: f"word 4 '{'h' * 257}': the word has 257 characters, more than the limit of 256",
+        4: f"word 4 '{'h' * 64}'... (257 characters): the word has 257 characters, more than the limit of 256",
     }
     for index in errors:
         result = response.results[index]
@@ -471,13 +473,14 @@ def test_stream_unknown_model(stub: pb_grpc.CharRnnStub) -> None:
 
 def test_client_stream_error_is_typed(server: ServerProcess) -> None:
     with CharRnnClient(server.target) as client:
-        requests = [pb.EncodeRequest(model="rnn", words=["he"]), pb.EncodeRequest(model="nope", words=["he"])]
+        requests = [EncodeRequest("rnn", ["he"]), EncodeRequest("nope", ["he"])]
         received: list[list[str]] = []
         with pytest.raises(ModelNotFoundError) as raised:
             for encodings in client.encode_stream(iter(requests)):
                 received.append([e.word for e in encodings])
         assert raised.value.code == grpc.StatusCode.NOT_FOUND
         assert "'nope'" in raised.value.details
+        assert raised.value.reason == "MODEL_NOT_FOUND" and not raised.value.retryable
         assert received == [["he"]]
         assert client.encode("rnn", ["lo"])[0].word == "lo"
 

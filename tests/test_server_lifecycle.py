@@ -29,18 +29,28 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.client import CharRnnClient
-from conftest import LARGE_ALPHABET, LARGE_MODEL, ServerProcess, console_script, start_server
+from clients.errors import error_from_rpc
 from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.trace import PARITY_TOLERANCE, eager_word
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from tests.helpers import (
+    CHANNEL_OPTIONS,
+    LARGE_ALPHABET,
+    LARGE_MODEL,
+    ServerProcess,
+    console_script,
+    free_port,
+    start_server,
+)
+
+pytestmark = pytest.mark.e2e
 
 MODELS = ("large_lstm", "lstm", "rnn", "rnn_multi_layers")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -146,12 +156,6 @@ def test_reflection_lists_the_services(server: ServerProcess) -> None:
         assert pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Watch"].name == "Watch"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_not_serving_while_models_load_then_serving(model_repository: Path, tmp_path: Path) -> None:
     """Health says NOT_SERVING (and Encode UNAVAILABLE) while loading, then SERVING; Watch sees both."""
     repository = tmp_path / "slow_repository"
@@ -197,6 +201,9 @@ def test_not_serving_while_models_load_then_serving(model_repository: Path, tmp_
                 stub.Encode(pb.EncodeRequest(model="rnn", words=["hello"]), timeout=10)
             assert loading.value.code() == grpc.StatusCode.UNAVAILABLE
             assert loading.value.details() == "the server is still loading its models; retry shortly"
+            loading_error = error_from_rpc(loading.value)
+            assert loading_error.reason == "MODELS_LOADING" and loading_error.retryable
+            assert loading_error.info.retry_after_s is not None and loading_error.info.retry_after_s > 0
             assert next(watch).status == SERVING
             watch.cancel()
             assert health_status(channel) == SERVING
@@ -539,7 +546,7 @@ def test_prometheus_metrics(server: ServerProcess) -> None:
 def test_serving_path_never_imports_torch(server: ServerProcess) -> None:
     code = (
         "import sys\n"
-        "import server.main, server.service, server.engine, server.batcher, server.runtime, server.config\n"
+        "import server.main, server.grpc.charrnn_v1, server.core.engine, server.core.batcher, server.core.runtime, server.config\n"
         "import clients.client\n"
         "server.main.parse_config(['--repository', 'x'])\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"

@@ -7,6 +7,7 @@ The configuration is checked for defaults, environment variables, and flags winn
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from conftest import LARGE_ALPHABET
-from server.alphabet import Alphabet, EncodedWords, one_hot_batch
-from server.config import ServerConfig, parse_config
-from server.errors import InvalidRequestError, InvalidWordError
+from server.config import DEFAULTS, ServerConfig, build_parser, parse_config
+from server.core.alphabet import Alphabet, WordIndices, one_hot_batch
+from server.core.batcher import BatchSettings
+from server.core.engine import EngineSettings, Limits
+from server.core.errors import InvalidRequestError, InvalidWordError, Reason
+from tests.helpers import LARGE_ALPHABET
+
+pytestmark = pytest.mark.unit
 
 # Alphabets whose code points are not in sorted order, with non-ASCII letters (one outside the BMP).
 ALPHABETS = ("helo", "héλo", "λhé😀o", "zyxwvA0ß", LARGE_ALPHABET)
@@ -28,15 +33,16 @@ FOREIGN = "xqé€😀\u00a0\t Ωλßa"  # some of these are in some alphabets: 
 def naive_problem(index: int, word: str, letters: str, max_length: int) -> tuple[int, str, str] | None:
     """(index, word, reason) the way a person would check one word, character by character."""
     if len(word) == 0:
-        return index, word, "the word is empty"
+        return index, word, "the word is empty", Reason.WORD_EMPTY
     if len(word) > max_length:
-        return index, word, f"the word has {len(word)} characters, more than the limit of {max_length}"
+        return index, word, f"the word has {len(word)} characters, more than the limit of {max_length}", Reason.WORD_TOO_LONG
     for position, char in enumerate(word):
         if char not in letters:
             return (
                 index,
                 word,
                 f"character {char!r} at position {position} is not in the model's alphabet {letters!r}",
+                Reason.WORD_NOT_IN_ALPHABET,
             )
     return None
 
@@ -80,8 +86,9 @@ def test_check_matches_naive_reference(letters: str, seed: int) -> None:
         else:
             assert isinstance(problem, InvalidWordError), (index, word)
             assert isinstance(problem, InvalidRequestError)  # -> INVALID_ARGUMENT
-            assert (problem.index, problem.word, problem.reason) == expected
+            assert (problem.index, problem.word, problem.problem, problem.reason) == expected
             assert str(problem) == f"word {index} {word!r}: {expected[2]}"
+            assert problem.metadata["word_index"] == str(index)
 
 
 def test_check_names_index_word_character_and_position() -> None:
@@ -97,11 +104,23 @@ def test_check_names_index_word_character_and_position() -> None:
 
 def test_check_reports_first_bad_character_of_each_word() -> None:
     problems = Alphabet("helo").check(["hexyo", "xhello", "hellz"], max_length=10)
-    assert [(p.index, p.reason) for p in problems if p is not None] == [
-        (0, "character 'x' at position 2 is not in the model's alphabet 'helo'"),
-        (1, "character 'x' at position 0 is not in the model's alphabet 'helo'"),
-        (2, "character 'z' at position 4 is not in the model's alphabet 'helo'"),
+    assert [(p.index, p.problem, p.position) for p in problems if p is not None] == [
+        (0, "character 'x' at position 2 is not in the model's alphabet 'helo'", 2),
+        (1, "character 'x' at position 0 is not in the model's alphabet 'helo'", 0),
+        (2, "character 'z' at position 4 is not in the model's alphabet 'helo'", 4),
     ]
+    assert all(p is not None and p.reason == Reason.WORD_NOT_IN_ALPHABET for p in problems)
+    assert [p.metadata for p in problems if p is not None] == [
+        {"word_index": "0", "position": "2"}, {"word_index": "1", "position": "0"}, {"word_index": "2", "position": "4"},
+    ]
+
+
+def test_a_long_bad_word_is_named_not_echoed() -> None:
+    word = "h" * 50_000 + "x"
+    (problem,) = Alphabet("helo").check([word], max_length=100_000)
+    assert problem is not None and problem.reason == Reason.WORD_NOT_IN_ALPHABET
+    assert len(str(problem)) < 300 and "(50001 characters)" in str(problem)
+    assert problem.metadata == {"word_index": "0", "position": "50000"}
 
 
 def test_check_on_only_empty_words_and_on_no_words() -> None:
@@ -129,7 +148,7 @@ def test_encode_and_one_hot_match_naive_reference(letters: str, seed: int) -> No
     alphabet = Alphabet(letters)
     assert len(alphabet) == len(letters)
     assert all(problem is None for problem in alphabet.check(words, 30))
-    encoded = alphabet.encode(words)
+    encoded = alphabet.indices(words)
     assert encoded.lengths.dtype == np.int32
     assert encoded.lengths.tolist() == [len(word) for word in words]
     assert encoded.indices.tolist() == [letters.index(char) for word in words for char in word]
@@ -140,7 +159,7 @@ def test_encode_and_one_hot_match_naive_reference(letters: str, seed: int) -> No
 
 def test_one_hot_batch_pads_with_zero_rows() -> None:
     alphabet = Alphabet("héλo")
-    batch = one_hot_batch(alphabet.encode(["o", "héλoh", "λλ"]), 4)
+    batch = one_hot_batch(alphabet.indices(["o", "héλoh", "λλ"]), 4)
     assert batch.shape == (3, 5, 4)
     assert batch[0, 0].tolist() == [0, 0, 0, 1] and not batch[0, 1:].any()
     assert batch[1].argmax(axis=1).tolist() == [0, 1, 2, 3, 0] and batch[1].sum() == 5
@@ -148,7 +167,7 @@ def test_one_hot_batch_pads_with_zero_rows() -> None:
 
 
 def test_one_hot_batch_of_hand_built_indices() -> None:
-    encoded = EncodedWords(np.array([2, 0, 1, 1], dtype=np.int64), np.array([1, 3], dtype=np.int32))
+    encoded = WordIndices(np.array([2, 0, 1, 1], dtype=np.int64), np.array([1, 3], dtype=np.int32))
     expected = np.zeros((2, 3, 3), dtype=np.float32)
     expected[0, 0, 2] = 1
     expected[1, 0, 0] = expected[1, 1, 1] = expected[1, 2, 1] = 1
@@ -166,6 +185,22 @@ def test_defaults_with_an_empty_environment() -> None:
         log_level="INFO", batching=True, max_batch_words=4096, max_queue_delay_ms=0.0, max_queue_words=65536,
         run_threads=1, port_file=None,
     )
+
+
+def test_the_config_builds_the_cores_settings() -> None:
+    config = parse_config(["--max-words", "7", "--max-word-length", "9", "--max-batch-words", "11",
+                           "--max-queue-delay-ms", "1.5", "--max-queue-words", "13", "--run-threads", "2",
+                           "--device", "cpu"], {})
+    settings = config.engine_settings()
+    assert settings == EngineSettings("cpu", 2, Limits(max_words=7, max_word_length=9), BatchSettings(11, 0.0015, 13))
+    assert parse_config(["--no-batching"], {}).engine_settings().batching is None
+
+
+def test_every_flag_defaults_to_the_configs_own_default() -> None:
+    assert parse_config([], {}) == DEFAULTS == ServerConfig()
+    parser = build_parser({})
+    for field in dataclasses.fields(ServerConfig):
+        assert parser.get_default(field.name) == getattr(DEFAULTS, field.name), field.name
 
 
 FULL_ENV = {
@@ -297,8 +332,8 @@ def test_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 
 def test_every_rpc_of_the_proto_is_registered_with_its_request_type() -> None:
     from proto.charrnn.v1 import charrnn_pb2
+    from server.grpc.charrnn_v1 import CharRnnService, method_handlers
     from server.metrics import Metrics
-    from server.service import CharRnnService, method_handlers
 
     handlers = method_handlers(CharRnnService(Metrics()))
     methods = charrnn_pb2.DESCRIPTOR.services_by_name["CharRnn"].methods

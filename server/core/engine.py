@@ -3,34 +3,55 @@
 word -> indices -> (batcher) one-hot batch -> onnxruntime -> per-word results. The gRPC service, and any
 other front (a KServe V2 endpoint, say), only translate to and from these types.
 
-encode_batch() is the hot path: it returns the request's rows of the batch outputs as arrays (no per-word
+encode_rows() is the hot path: it returns the request's rows of the batch outputs as arrays (no per-word
 objects), which the gRPC service serialises in one pass; encode() splits the same result into per-word
 WordEncodings for callers that want them.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from server.alphabet import EncodedWords
-from server.batcher import Batcher, BatchSettings, DirectRunner, RunObserver, RunStats
-from server.errors import InvalidRequestError, InvalidWordError, ModelNotFoundError, RequestTooLargeError
-from server.runtime import BatchOutputs, ModelRuntime
+from server.core.alphabet import WordIndices
+from server.core.batcher import Batcher, BatchSettings, DirectRunner, RunObserver, RunStats
+from server.core.errors import (
+    InvalidRequestError,
+    InvalidWordError,
+    ModelNotFoundError,
+    Reason,
+    RequestTooLargeError,
+    shown_word,
+)
+from server.core.runtime import ModelRuntime, RunOutputs, load_repository
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one request may ask for."""
+    """What one request may ask for (the defaults are ServerConfig's, which builds these)."""
 
-    max_words: int = 4096
+    max_words: int
     """Words per request (and per stream message)."""
-    max_word_length: int = 256
+    max_word_length: int
     """Characters per word."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Everything an engine is built from besides the repository (ServerConfig.engine_settings() makes one)."""
+
+    device: str
+    """auto (CUDA provider first, CPU fallback), cuda or cpu."""
+    run_threads: int
+    """onnxruntime threads running each model's batches; also its runs in flight."""
+    limits: Limits
+    """What one request may ask for."""
+    batching: BatchSettings | None
+    """Dynamic batching settings, or None to run each request alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +74,7 @@ class WordEncoding:
 
 @dataclass(frozen=True, slots=True)
 class EncodeResult:
-    """Per-word results in request order; a word that could not be encoded holds its error instead."""
+    """Per-word results in request order; a word that could not be letters holds its error instead."""
 
     model: ModelRuntime
     words: list[WordEncoding | InvalidWordError]
@@ -61,7 +82,7 @@ class EncodeResult:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchResult:
+class RequestRows:
     """A request's results as arrays: row r of `outputs` is the r-th good word (in request order).
 
     `problems` is None when every word was good, else one entry per request word (None for a good word).
@@ -72,7 +93,7 @@ class BatchResult:
     words: Sequence[str]
     problems: list[InvalidWordError | None] | None
     lengths: npt.NDArray[np.int32]
-    outputs: BatchOutputs | None
+    outputs: RunOutputs | None
     stats: RunStats | None
 
     def word_encodings(self) -> list[WordEncoding | InvalidWordError]:
@@ -91,6 +112,16 @@ class BatchResult:
             return list(good)
         encodings = iter(good)
         return [problem if problem is not None else next(encodings) for problem in self.problems]
+
+
+def load_engine(repository: Path, settings: EngineSettings, observer: RunObserver | None = None) -> Engine:
+    """Load and verify every model of a repository and return an engine over them, not yet started.
+
+    Blocking (reads files, builds onnxruntime sessions): call it off the event loop. Raises ManifestError or
+    DeviceUnavailableError naming the model that cannot be served. The server and the benchmark both use this.
+    """
+    models = load_repository(repository, settings.device, settings.run_threads)
+    return Engine(models, settings.limits, settings.batching, settings.run_threads, observer)
 
 
 class Engine:
@@ -129,7 +160,7 @@ class Engine:
             return self.models[name]
         except KeyError:
             known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFoundError(f"model {name!r} is not loaded (models: {known})") from None
+            raise ModelNotFoundError(f"model {shown_word(name)} is not loaded (models: {known})") from None
 
     async def encode(
         self,
@@ -139,27 +170,28 @@ class Engine:
         report_invalid: bool = False,
     ) -> EncodeResult:
         """Encode words, each exactly as if alone. Bad words raise InvalidWordError, or are returned as errors."""
-        batch = await self.encode_batch(model_name, words, states, report_invalid)
+        batch = await self.encode_rows(model_name, words, states, report_invalid)
         return EncodeResult(batch.model, batch.word_encodings(), batch.stats)
 
-    async def encode_batch(
+    async def encode_rows(
         self,
         model_name: str,
         words: Sequence[str],
         states: Sequence[InitialState] = (),
         report_invalid: bool = False,
-    ) -> BatchResult:
-        """encode(), with the results left as batch arrays (see BatchResult); same checks, same errors."""
+    ) -> RequestRows:
+        """encode(), with the results left as batch arrays (see RequestRows); same checks, same errors."""
         model = self.model(model_name)
         if not words:
-            raise InvalidRequestError("the request has no words")
+            raise InvalidRequestError("the request has no words", Reason.NO_WORDS)
         if len(words) > self.limits.max_words:
             raise RequestTooLargeError(
                 f"the request has {len(words)} words, more than the limit of {self.limits.max_words}"
             )
         if states and len(states) != len(words):
             raise InvalidRequestError(
-                f"initial_states has {len(states)} entries for {len(words)} words: give none or one per word"
+                f"initial_states has {len(states)} entries for {len(words)} words: give none or one per word",
+                Reason.INVALID_STATE,
             )
         checked = model.alphabet.check(words, self.limits.max_word_length)
         problems: list[InvalidWordError | None] | None = None
@@ -174,10 +206,10 @@ class Engine:
             good_words = [words[index] for index in good]
         h0, c0 = self._initial_state(model, words, states, good)
         if not good:
-            return BatchResult(model, words, problems, np.zeros(0, dtype=np.int32), None, None)
-        encoded: EncodedWords = model.alphabet.encode(good_words)
-        outputs, stats = await self._runners[model.name].submit(encoded, h0, c0)
-        return BatchResult(model, words, problems, encoded.lengths, outputs, stats)
+            return RequestRows(model, words, problems, np.zeros(0, dtype=np.int32), None, None)
+        letters: WordIndices = model.alphabet.indices(good_words)
+        outputs, stats = await self._runners[model.name].submit(letters, h0, c0)
+        return RequestRows(model, words, problems, letters.lengths, outputs, stats)
 
     @staticmethod
     def _initial_state(
@@ -196,8 +228,9 @@ class Engine:
             if state.cell is not None and state.cell.size:
                 if cell is None:
                     raise InvalidRequestError(
-                        f"word {index} {words[index]!r}: initial cell state given, but {model.name!r} is a "
-                        f"{model.manifest.kind}, which has no cell state"
+                        f"word {index} {shown_word(words[index])}: initial cell state given, but {model.name!r} "
+                        f"is a {model.manifest.kind}, which has no cell state",
+                        Reason.INVALID_STATE, {"word_index": str(index)},
                     )
                 cell[row] = _state_array(state.cell, shape, index, words[index], "cell")
         return np.ascontiguousarray(hidden.transpose(1, 0, 2)), (
@@ -211,14 +244,14 @@ def _state_array(
     expected = shape[0] * shape[1]
     if values.size != expected:
         raise InvalidRequestError(
-            f"word {index} {word!r}: initial {what} state has {values.size} values; expected "
-            f"num_layers x hidden_size = {shape[0]} x {shape[1]} = {expected}"
+            f"word {index} {shown_word(word)}: initial {what} state has {values.size} values; expected "
+            f"num_layers x hidden_size = {shape[0]} x {shape[1]} = {expected}",
+            Reason.INVALID_STATE, {"word_index": str(index)},
         )
     if not np.all(np.isfinite(values)):
-        raise InvalidRequestError(f"word {index} {word!r}: initial {what} state holds NaN or infinity")
+        raise InvalidRequestError(
+            f"word {index} {shown_word(word)}: initial {what} state holds NaN or infinity",
+            Reason.INVALID_STATE, {"word_index": str(index)},
+        )
     return values.reshape(shape)
 
-
-def monotonic_ms(since: float) -> float:
-    """Milliseconds elapsed since a time.perf_counter() reading."""
-    return (time.perf_counter() - since) * 1000.0

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import onnxruntime
 
 from export.manifest import ONNX_FILE, Manifest, ManifestError, list_model_folders
-from server.alphabet import Alphabet, EncodedWords, one_hot_batch
+from server.core.alphabet import Alphabet, WordIndices, one_hot_batch
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class DeviceUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class BatchOutputs:
+class RunOutputs:
     """onnxruntime's outputs for a batch: outputs [batch, max_len, hidden], h_n/c_n [num_layers, batch, hidden]."""
 
     outputs: npt.NDArray[np.float32]
@@ -51,7 +51,7 @@ def requested_providers(device: str) -> list[str]:
     return [CUDA, CPU]
 
 
-RunDone = Callable[["BatchOutputs | None", "BaseException | None"], None]
+RunDone = Callable[["RunOutputs | None", "BaseException | None"], None]
 """Receives a started run's outputs, or its error, on an onnxruntime thread."""
 
 
@@ -103,23 +103,23 @@ class ModelRuntime:
 
     def run(
         self,
-        encoded: EncodedWords,
+        letters: WordIndices,
         h0: npt.NDArray[np.float32],
         c0: npt.NDArray[np.float32] | None,
-    ) -> BatchOutputs:
-        """One onnxruntime run over a batch of encoded words, each exactly as if run alone, on this thread."""
-        return _outputs(self.session.run(None, self._feed(encoded, h0, c0)))
+    ) -> RunOutputs:
+        """One onnxruntime run over a batch of letters words, each exactly as if run alone, on this thread."""
+        return _outputs(self.session.run(None, self._feed(letters, h0, c0)))
 
     def start_run(
         self,
-        encoded: EncodedWords,
+        letters: WordIndices,
         h0: npt.NDArray[np.float32],
         c0: npt.NDArray[np.float32] | None,
         done: RunDone,
     ) -> None:
         """Start run() on one of onnxruntime's own threads (session.run_async) and return at once; `done`
         gets the outputs or the error on that thread, exactly once. Errors in the inputs may raise here instead."""
-        feed = self._feed(encoded, h0, c0)
+        feed = self._feed(letters, h0, c0)
 
         def finished(results: list[npt.NDArray[np.float32]], _user_data: object, error: str) -> None:
             # Nothing may escape: onnxruntime calls this on its own thread, where a Python exception aborts
@@ -138,11 +138,11 @@ class ModelRuntime:
         self.session.run_async(None, feed, finished, feed)
 
     def _feed(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
+        self, letters: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
     ) -> dict[str, npt.NDArray[np.generic]]:
         feed: dict[str, npt.NDArray[np.generic]] = {
-            "x": one_hot_batch(encoded, self.manifest.input_size),
-            "lengths": encoded.lengths,
+            "x": one_hot_batch(letters, self.manifest.input_size),
+            "lengths": letters.lengths,
             "h0": h0,
         }
         if self.manifest.has_cell_state:
@@ -150,8 +150,8 @@ class ModelRuntime:
         return feed
 
 
-def _outputs(results: list[npt.NDArray[np.float32]]) -> BatchOutputs:
-    return BatchOutputs(results[0], results[1], results[2] if len(results) > 2 else None)
+def _outputs(results: list[npt.NDArray[np.float32]]) -> RunOutputs:
+    return RunOutputs(results[0], results[1], results[2] if len(results) > 2 else None)
 
 
 def load_repository(repository: Path, device: str = "auto", run_threads: int = 1) -> dict[str, ModelRuntime]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from server.errors import InvalidWordError
+from server.core.errors import InvalidWordError, Reason
 
 
 @dataclass(frozen=True, slots=True)
-class EncodedWords:
+class WordIndices:
     """Letter indices of several words, concatenated, with each word's length."""
 
     indices: npt.NDArray[np.int64]  # [total characters]
@@ -72,18 +72,18 @@ class Alphabet:
                     problems[index] = self._describe(int(index), words[index], max_length)
         return problems
 
-    def encode(self, words: Sequence[str]) -> EncodedWords:
+    def indices(self, words: Sequence[str]) -> WordIndices:
         """Indices of words already known to be valid (see check)."""
         joined = "".join(words)
         lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
         if self._byte_table is not None:
             indices = np.frombuffer(joined.encode("latin-1").translate(self._byte_table), dtype=np.uint8)
-            return EncodedWords(indices.astype(np.int64), lengths)
+            return WordIndices(indices.astype(np.int64), lengths)
         codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
         if self._code_table is not None:
-            return EncodedWords(self._code_table[codes], lengths)
+            return WordIndices(self._code_table[codes], lengths)
         slots = np.searchsorted(self._sorted_codes, codes)
-        return EncodedWords(self._positions[slots], lengths)
+        return WordIndices(self._positions[slots], lengths)
 
     def _bad_char_mask(self, words: Sequence[str]) -> npt.NDArray[np.bool_]:
         codes = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
@@ -92,13 +92,18 @@ class Alphabet:
 
     def _describe(self, index: int, word: str, max_length: int) -> InvalidWordError:
         if not word:
-            return InvalidWordError(index, word, "the word is empty")
+            return InvalidWordError(index, word, "the word is empty", Reason.WORD_EMPTY)
         if len(word) > max_length:
-            return InvalidWordError(index, word, f"the word has {len(word)} characters, more than the limit of {max_length}")
+            return InvalidWordError(
+                index, word, f"the word has {len(word)} characters, more than the limit of {max_length}",
+                Reason.WORD_TOO_LONG,
+            )
         for position, char in enumerate(word):
-            if char not in self.letters:
+            if char not in self._letter_set:
                 return InvalidWordError(
-                    index, word, f"character {char!r} at position {position} is not in the model's alphabet {self.letters!r}"
+                    index, word,
+                    f"character {char!r} at position {position} is not in the model's alphabet {self.letters!r}",
+                    Reason.WORD_NOT_IN_ALPHABET, position,
                 )
         raise AssertionError(f"word {index} was reported invalid but is valid")
 
@@ -108,12 +113,12 @@ def _identity(size: int) -> npt.NDArray[np.float32]:
     return np.eye(size, dtype=np.float32)
 
 
-def one_hot_batch(encoded: EncodedWords, alphabet_size: int) -> npt.NDArray[np.float32]:
+def one_hot_batch(letters: WordIndices, alphabet_size: int) -> npt.NDArray[np.float32]:
     """Padded one-hot batch [words, max_len, alphabet_size]; positions past a word's end are zero rows."""
-    lengths = encoded.lengths
+    lengths = letters.lengths
     words, max_len = len(lengths), int(lengths.max())
-    rows = np.take(_identity(alphabet_size), encoded.indices, axis=0)  # [total characters, alphabet_size]
-    if len(encoded.indices) == words * max_len:  # every word as long as the longest: no padding
+    rows = np.take(_identity(alphabet_size), letters.indices, axis=0)  # [total characters, alphabet_size]
+    if len(letters.indices) == words * max_len:  # every word as long as the longest: no padding
         return rows.reshape(words, max_len, alphabet_size)
     batch = np.zeros((words, max_len, alphabet_size), dtype=np.float32)
     batch[np.arange(max_len) < lengths[:, None]] = rows  # row-major order of the mask = word order

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from server.alphabet import EncodedWords
-from server.errors import OverloadedError, ShuttingDownError
-from server.runtime import BatchOutputs, ModelRuntime
+from server.core.alphabet import WordIndices
+from server.core.errors import OverloadedError, ShuttingDownError
+from server.core.runtime import ModelRuntime, RunOutputs
 
 SPLIT_MIN_WORDS = 64
 """With several run slots, a long queue is shared out between them, in batches of at least this many words."""
@@ -42,13 +42,13 @@ SPLIT_MIN_WORDS = 64
 
 @dataclass(frozen=True, slots=True)
 class BatchSettings:
-    """Limits of one model's batcher."""
+    """Limits of one model's batcher (the defaults are ServerConfig's, which builds these)."""
 
-    max_batch_words: int = 1024
+    max_batch_words: int
     """Largest merged batch, in words (a larger single request still runs, alone)."""
-    max_delay_s: float = 0.0
+    max_delay_s: float
     """How long a non-full batch may wait for more requests once concurrency is evident; 0 never waits."""
-    max_queue_words: int = 65536
+    max_queue_words: int
     """Words allowed to wait; beyond that requests get RESOURCE_EXHAUSTED."""
 
 
@@ -63,24 +63,24 @@ class RunStats:
 
 @dataclass(slots=True)
 class _Pending:
-    encoded: EncodedWords
+    letters: WordIndices
     h0: npt.NDArray[np.float32]
     c0: npt.NDArray[np.float32] | None
-    future: asyncio.Future[tuple[BatchOutputs, RunStats]]
+    future: asyncio.Future[tuple[RunOutputs, RunStats]]
     enqueued: float
     behind: bool
     """Arrived while the model was busy (runs in flight or others queued): evidence of concurrent traffic."""
 
     @property
     def words(self) -> int:
-        return len(self.encoded.lengths)
+        return len(self.letters.lengths)
 
 
 RunObserver = Callable[[str, int, float], None]
 """Called after each run with (model name, words in the batch, seconds in onnxruntime)."""
 
-_Merged = tuple[EncodedWords, npt.NDArray[np.float32], npt.NDArray[np.float32] | None]
-_Outcome = Callable[[BatchOutputs | None, BaseException | None, float], None]
+_Merged = tuple[WordIndices, npt.NDArray[np.float32], npt.NDArray[np.float32] | None]
+_Outcome = Callable[[RunOutputs | None, BaseException | None, float], None]
 """Receives a run's outputs (or its error) and its seconds in onnxruntime, on the event loop."""
 
 
@@ -89,7 +89,7 @@ def _start_run(loop: asyncio.AbstractEventLoop, model: ModelRuntime, merged: _Me
     Raises if onnxruntime refuses the run outright (then `outcome` is never called)."""
     started = time.perf_counter()
 
-    def done(outputs: BatchOutputs | None, error: BaseException | None) -> None:  # on an onnxruntime thread
+    def done(outputs: RunOutputs | None, error: BaseException | None) -> None:  # on an onnxruntime thread
         try:
             loop.call_soon_threadsafe(outcome, outputs, error, time.perf_counter() - started)
         except BaseException:  # noqa: BLE001 - the event loop is closed: nobody is waiting for this run any more
@@ -140,23 +140,23 @@ class Batcher:
         return self._queued_words
 
     async def submit(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
-    ) -> tuple[BatchOutputs, RunStats]:
+        self, letters: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
+    ) -> tuple[RunOutputs, RunStats]:
         """Run these words (in some batch) and return the batch outputs restricted to them."""
         if self._closed:
             raise ShuttingDownError("the server is shutting down")
         loop = self._loop
         if loop is None:
             raise RuntimeError("Batcher.start() was not called")
-        words = len(encoded.lengths)
+        words = len(letters.lengths)
         if self._queued_words and self._queued_words + words > self.settings.max_queue_words:
             raise OverloadedError(
                 f"model {self.model.name!r} is overloaded: {self._queued_words} words queued "
                 f"(limit {self.settings.max_queue_words}); retry later"
             )
-        future: asyncio.Future[tuple[BatchOutputs, RunStats]] = loop.create_future()
+        future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
         busy = self._running > 0 or bool(self._queue)
-        self._queue.append(_Pending(encoded, h0, c0, future, loop.time(), busy))
+        self._queue.append(_Pending(letters, h0, c0, future, loop.time(), busy))
         self._queued_words += words
         self._dispatch()
         return await future
@@ -233,7 +233,7 @@ class Batcher:
         self._running += 1
 
     def _finished(
-        self, batch: list[_Pending], dispatched: float, outputs: BatchOutputs | None,
+        self, batch: list[_Pending], dispatched: float, outputs: RunOutputs | None,
         error: BaseException | None, seconds: float,
     ) -> None:
         self._running -= 1
@@ -249,7 +249,7 @@ class Batcher:
             for item in batch:
                 stop = start + item.words
                 if not item.future.done():
-                    part = _slice(outputs, start, stop, int(item.encoded.lengths.max()))
+                    part = _slice(outputs, start, stop, int(item.letters.lengths.max()))
                     item.future.set_result((part, RunStats(dispatched - item.enqueued, seconds, total_words)))
                 start = stop
         except Exception as failure:  # noqa: BLE001 - callers not yet answered get it rather than wait forever
@@ -274,18 +274,18 @@ def _fail(batch: list[_Pending], error: BaseException) -> None:
 def _merge(batch: list[_Pending]) -> _Merged:
     if len(batch) == 1:
         item = batch[0]
-        return item.encoded, item.h0, item.c0
-    encoded = EncodedWords(
-        np.concatenate([item.encoded.indices for item in batch]),
-        np.concatenate([item.encoded.lengths for item in batch]),
+        return item.letters, item.h0, item.c0
+    letters = WordIndices(
+        np.concatenate([item.letters.indices for item in batch]),
+        np.concatenate([item.letters.lengths for item in batch]),
     )
     h0 = np.concatenate([item.h0 for item in batch], axis=1)
     c0 = None if batch[0].c0 is None else np.concatenate([item.c0 for item in batch if item.c0 is not None], axis=1)
-    return encoded, h0, c0
+    return letters, h0, c0
 
 
-def _slice(outputs: BatchOutputs, start: int, stop: int, max_len: int) -> BatchOutputs:
-    return BatchOutputs(
+def _slice(outputs: RunOutputs, start: int, stop: int, max_len: int) -> RunOutputs:
+    return RunOutputs(
         outputs.outputs[start:stop, :max_len],
         outputs.h_n[:, start:stop],
         None if outputs.c_n is None else outputs.c_n[:, start:stop],
@@ -317,8 +317,8 @@ class DirectRunner:
             await self._drained.wait()
 
     async def submit(
-        self, encoded: EncodedWords, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
-    ) -> tuple[BatchOutputs, RunStats]:
+        self, letters: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None
+    ) -> tuple[RunOutputs, RunStats]:
         """Run these words alone."""
         if self._closed:
             raise ShuttingDownError("the server is shutting down")
@@ -330,10 +330,10 @@ class DirectRunner:
         if self._closed:
             self._slots.release()
             raise ShuttingDownError("the server is shutting down")
-        future: asyncio.Future[tuple[BatchOutputs, RunStats]] = loop.create_future()
-        words = len(encoded.lengths)
+        future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
+        words = len(letters.lengths)
 
-        def finished(outputs: BatchOutputs | None, error: BaseException | None, seconds: float) -> None:
+        def finished(outputs: RunOutputs | None, error: BaseException | None, seconds: float) -> None:
             self._slots.release()
             self._running -= 1
             if self._closed and not self._running and self._drained is not None:
@@ -349,7 +349,7 @@ class DirectRunner:
                 future.set_result((outputs, RunStats(waited, seconds, words)))
 
         try:
-            _start_run(loop, self.model, (encoded, h0, c0), finished)
+            _start_run(loop, self.model, (letters, h0, c0), finished)
         except BaseException:
             self._slots.release()
             raise
