@@ -7,7 +7,8 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 OVERALL = ""  # the health service's name for the server as a whole
 
+ReloadHook = Callable[[], Awaitable[None]]
+"""Re-reads one kind of state (certificates, tokens, the model repository) on SIGHUP; raises if it cannot,
+leaving what it had in place."""
+
 
 @dataclass(slots=True)
 class RunningServer:
@@ -35,6 +40,20 @@ class RunningServer:
     engine: Engine
     metrics: Metrics
     metrics_port: int | None
+    reload_hooks: list[ReloadHook] = field(default_factory=list)
+    """What SIGHUP re-reads, in order: the server's one reload signal (certificates, tokens, models)."""
+
+    async def reload(self) -> bool:
+        """Run every reload hook; one that fails is logged and the others still run. True if all succeeded."""
+        succeeded = True
+        for hook in self.reload_hooks:
+            try:
+                await hook()
+            except Exception:
+                succeeded = False
+                logger.exception("reload: %s failed; keeping what it had", getattr(hook, "__qualname__", hook))
+        logger.info("reload done (%d part(s)%s)", len(self.reload_hooks), "" if succeeded else ", with failures")
+        return succeeded
 
     async def stop(self, grace_seconds: float) -> None:
         """Report NOT_SERVING, stop taking RPCs, let in-flight ones finish within the grace period."""
@@ -108,12 +127,23 @@ def _host(address: str) -> str:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain within the grace period."""
+    """Run until SIGTERM or SIGINT, then drain within the grace period; SIGHUP reloads (RunningServer.reload)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+    # Until the server is up, SIGHUP is ignored rather than fatal (its default action kills the process).
+    loop.add_signal_handler(signal.SIGHUP, lambda: logger.info("SIGHUP before start-up finished: ignored"))
     running = await create_server(config)
+
+    def on_sighup() -> None:
+        logger.info("SIGHUP: reloading")
+        task = asyncio.ensure_future(running.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     if config.port_file is not None:
         config.port_file.write_text(json.dumps({"port": running.port, "metrics_port": running.metrics_port}))
     await stop.wait()

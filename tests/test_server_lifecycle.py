@@ -562,3 +562,24 @@ def test_serving_path_never_imports_torch(server: ServerProcess) -> None:
         loaded = maps.read_text()
         assert "onnxruntime" in loaded  # the check sees the server's libraries at all
         assert "libtorch" not in loaded
+
+
+# ---- reload -----------------------------------------------------------------------------------------------------
+
+
+def test_sighup_reloads_instead_of_killing_the_server(unit_repository: Path, tmp_path: Path) -> None:
+    running = start_server(unit_repository, tmp_path)
+    try:
+        for count in (1, 2):
+            running.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while running.log().count("reload done") < count:
+                assert running.process.poll() is None, running.log()
+                assert time.monotonic() < deadline, running.log()
+                time.sleep(0.02)
+        with grpc.insecure_channel(running.target) as channel:
+            assert health_status(channel) == SERVING
+            response = pb_grpc.CharRnnStub(channel).Encode(pb.EncodeRequest(model="lstm", words=["hello"]), timeout=10)
+            assert len(response.results) == 1
+    finally:
+        assert running.stop() == 0, running.log()
