@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only", action="append", metavar="NAME", help="export only this built-in model (repeatable)"
     )
+    parser.add_argument(
+        "--version", type=int, default=None, metavar="N",
+        help="version to write, <out>/<name>/N/ (default: one above the model's highest version; 1 for a new model; "
+             "an existing N is replaced once the new one is complete)",
+    )
     user = parser.add_argument_group("a user's checkpoint (torch.save(module.state_dict(), PATH))")
     user.add_argument("--checkpoint", type=Path, help="state_dict of a torch.nn.RNN, LSTM or GRU")
     user.add_argument("--name", help="model name in the repository")
@@ -60,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--only selects built-in models; it does not go with --checkpoint")
     elif args.nonlinearity is not None:
         parser.error("--nonlinearity goes with --checkpoint")
+    if args.version is not None and args.version < 1:
+        parser.error("--version must be at least 1")
 
     # Imported here so that --help answers without loading torch.
+    from export.manifest import next_version
     from export.models import BUILTIN_SPECS, CheckpointError, load_checkpoint, seeded_model
     from export.repository import ParityError, export_model
 
@@ -83,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown built-in model(s) {', '.join(unknown)}; choose from {', '.join(BUILTIN_SPECS)}")
             loaded = [seeded_model(BUILTIN_SPECS[name], args.seed) for name in names]
         for model in loaded:
-            manifest = export_model(model, args.out)
-            print(f"{manifest.name}: {args.out / manifest.name}")
+            version = args.version if args.version is not None else next_version(args.out, model.spec.name)
+            manifest = export_model(model, args.out, version)
+            print(f"{manifest.name} version {version}: {args.out / manifest.name / str(version)}")
     except CheckpointError as error:
         print(f"charrnn-export: error: {error}", file=sys.stderr)
         return 2

@@ -1,10 +1,15 @@
 """The model manifest: what the server needs to know about an exported model, readable without torch.
 
-A model repository is a directory with one folder per model:
+A model repository is a directory with one folder per model, and in it one folder per version:
 
-    <repository>/<name>/manifest.json
-    <repository>/<name>/model.onnx
-    <repository>/<name>/model.pt
+    <repository>/<name>/<version>/manifest.json
+    <repository>/<name>/<version>/model.onnx
+    <repository>/<name>/<version>/model.pt
+
+<version> is a positive integer written in decimal (1, 2, ...). The flat layout of earlier releases
+(<repository>/<name>/manifest.json, no version folder) is read as version 1 of that model; a `1/` folder, if
+there is one as well, takes precedence. Hidden entries (a leading dot: the export's staging folders) are
+never models or versions.
 
 Tensor layouts (identical for model.onnx and model.pt):
 
@@ -179,12 +184,70 @@ class Manifest:
                 )
 
 
+FLAT_LAYOUT_VERSION = 1
+"""The version a model folder in the flat layout (<name>/manifest.json, no version folder) stands for."""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionFolder:
+    """One version of one model in a repository: where its files are (they may be incomplete or broken)."""
+
+    name: str
+    version: int
+    path: Path
+
+
+def parse_version(text: str) -> int | None:
+    """The version a folder name stands for (a positive decimal integer, no sign, no leading zero), else None."""
+    if not text.isascii() or not text.isdigit() or text.startswith("0"):
+        return None
+    return int(text)
+
+
+def version_folders(model_folder: Path) -> list[VersionFolder]:
+    """Every version of one model folder, oldest first: its numbered folders, and the flat layout as version 1.
+
+    A numbered folder counts even without a manifest, so that a half-copied version is reported as broken
+    rather than silently skipped.
+    """
+    found: dict[int, Path] = {}
+    if (model_folder / MANIFEST_FILE).is_file():
+        found[FLAT_LAYOUT_VERSION] = model_folder
+    for child in model_folder.iterdir():
+        version = parse_version(child.name)
+        if version is not None and child.is_dir():
+            found[version] = child  # a 1/ folder wins over the flat layout
+    return [VersionFolder(model_folder.name, version, found[version]) for version in sorted(found)]
+
+
 def list_model_folders(repository: Path) -> list[Path]:
-    """Model folders of a repository (those holding a manifest), sorted by name; hidden folders are skipped."""
+    """Model folders of a repository (those holding a manifest or a version folder), sorted by name; hidden
+    folders are skipped."""
     if not repository.is_dir():
         raise ManifestError(f"{repository}: model repository does not exist or is not a directory")
     return sorted(
         child
         for child in repository.iterdir()
-        if child.is_dir() and not child.name.startswith(".") and (child / MANIFEST_FILE).is_file()
+        if child.is_dir() and not child.name.startswith(".") and version_folders(child)
     )
+
+
+def scan_repository(repository: Path) -> dict[str, list[VersionFolder]]:
+    """Every model of a repository with its versions, oldest first (ManifestError if it is not a directory)."""
+    return {folder.name: version_folders(folder) for folder in list_model_folders(repository)}
+
+
+def latest_version_folder(repository: Path, name: str) -> Path:
+    """The folder of a model's highest version (ManifestError if the model has none)."""
+    folder = repository / name
+    versions = version_folders(folder) if folder.is_dir() else []
+    if not versions:
+        raise ManifestError(f"{folder}: no versions of model {name!r}")
+    return versions[-1].path
+
+
+def next_version(repository: Path, name: str) -> int:
+    """The version a new export of a model gets by default: one above the highest there is (1 for a new model)."""
+    folder = repository / name
+    versions = version_folders(folder) if folder.is_dir() else []
+    return versions[-1].version + 1 if versions else 1

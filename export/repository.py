@@ -1,4 +1,4 @@
-"""Write one model folder of a model repository, atomically: build in a temporary folder, then rename."""
+"""Write one version of a model into a model repository, atomically: build in a temporary folder, then rename."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.manifest import ONNX_FILE, TORCHSCRIPT_FILE, Manifest, sha256_file
+from export.manifest import ONNX_FILE, TORCHSCRIPT_FILE, Manifest, next_version, sha256_file
 from export.models import LoadedModel
 from export.trace import ONNX_OPSET, PARITY_TOLERANCE, export_onnx, export_torchscript, io_specs, measure_parity
 
@@ -23,15 +23,23 @@ class ParityError(RuntimeError):
     """An exported artifact disagrees with eager PyTorch beyond PARITY_TOLERANCE."""
 
 
-def export_model(loaded: LoadedModel, repository: Path) -> Manifest:
-    """Export a loaded model to repository/<name>/ (model.onnx, model.pt, manifest.json) and return its manifest.
+def export_model(loaded: LoadedModel, repository: Path, version: int | None = None) -> Manifest:
+    """Export a loaded model to repository/<name>/<version>/ (model.onnx, model.pt, manifest.json) and return
+    its manifest; the version defaults to one above the highest the model has (next_version).
 
-    Nothing is left half-written: the folder appears complete or not at all, and an existing
-    folder of the same name is replaced only once the new one is complete and passes parity.
+    Nothing is left half-written: the folder appears complete or not at all (a server rescanning the
+    repository never sees a partial version), and an existing folder of the same version is replaced only
+    once the new one is complete and passes parity.
     """
     spec, module = loaded.spec, loaded.module
-    repository.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=repository))
+    if version is None:
+        version = next_version(repository, spec.name)
+    if version < 1:
+        raise ValueError(f"a version is a positive integer, not {version}")
+    model_folder = repository / spec.name
+    model_folder.mkdir(parents=True, exist_ok=True)
+    target = model_folder / str(version)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=model_folder))
     try:
         export_onnx(module, staging / ONNX_FILE)
         export_torchscript(module, staging / TORCHSCRIPT_FILE)
@@ -65,13 +73,14 @@ def export_model(loaded: LoadedModel, repository: Path) -> Manifest:
         )
         manifest.validate()
         manifest.write(staging)
-        _replace(staging, repository / spec.name)
+        _replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info(
-        "exported %s (%s, %d layer(s), hidden %d, alphabet of %d) to %s; max abs error onnx %.2g, torchscript %.2g",
-        spec.name, spec.kind, spec.num_layers, spec.hidden_size, spec.input_size, repository / spec.name,
+        "exported %s version %d (%s, %d layer(s), hidden %d, alphabet of %d) to %s; max abs error onnx %.2g, "
+        "torchscript %.2g",
+        spec.name, version, spec.kind, spec.num_layers, spec.hidden_size, spec.input_size, target,
         parity["onnx_max_abs_error"], parity["torchscript_max_abs_error"],
     )
     return manifest

@@ -55,6 +55,10 @@ class ServerConfig:
     """onnxruntime threads running each model's batches (off the event loop); also its runs in flight."""
     port_file: Path | None = None
     """If set, the bound gRPC and metrics ports are written here as JSON once serving."""
+    keep_versions: int = 1
+    """Versions of each model kept loaded (the newest that load); requests without a version get the highest."""
+    poll_seconds: float = 0.0
+    """Rescan the repository this often, as SIGHUP does; 0 never polls."""
 
     def limits(self) -> Limits:
         """What one request may ask for."""
@@ -72,7 +76,9 @@ class ServerConfig:
 
     def engine_settings(self) -> EngineSettings:
         """Everything server.core.engine.load_engine needs besides the repository."""
-        return EngineSettings(self.device, self.run_threads, self.limits(), self.batch_settings())
+        return EngineSettings(
+            self.device, self.run_threads, self.limits(), self.batch_settings(), keep_versions=self.keep_versions
+        )
 
 
 DEFAULTS = ServerConfig()
@@ -137,6 +143,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
              "(env CHARRNN_RUN_THREADS)")
     add("--port-file", type=Path, default=_env(env, "CHARRNN_PORT_FILE", DEFAULTS.port_file),
         help="write the bound ports here as JSON once serving (env CHARRNN_PORT_FILE)")
+    add("--keep-versions", type=int, default=_env(env, "CHARRNN_KEEP_VERSIONS", DEFAULTS.keep_versions),
+        help="versions of each model kept loaded, the newest that load; requests without a version get the "
+             "highest (env CHARRNN_KEEP_VERSIONS)")
+    add("--poll-seconds", type=float, default=_env(env, "CHARRNN_POLL_SECONDS", DEFAULTS.poll_seconds),
+        help="rescan the repository this often, as SIGHUP does; 0 never polls (env CHARRNN_POLL_SECONDS)")
     return parser
 
 
@@ -154,9 +165,9 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         parser.error(f"--log-level / CHARRNN_LOG_LEVEL: unknown level {args.log_level!r}")
     for name in ("max_words", "max_word_length", "max_message_bytes", "max_batch_words", "max_queue_words",
-                 "run_threads"):
+                 "run_threads", "keep_versions"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0:
-        parser.error("--grace-seconds and --max-queue-delay-ms cannot be negative")
+    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0:
+        parser.error("--grace-seconds, --max-queue-delay-ms and --poll-seconds cannot be negative")
     return ServerConfig(**vars(args))

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from export.manifest import ManifestError
 from server.config import ServerConfig, parse_config
 from server.core.engine import Engine, load_engine
+from server.core.repository import RepositoryWatcher
 from server.core.runtime import DeviceUnavailableError
 from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
 from server.metrics import Metrics
@@ -42,6 +43,8 @@ class RunningServer:
     metrics_port: int | None
     reload_hooks: list[ReloadHook] = field(default_factory=list)
     """What SIGHUP re-reads, in order: the server's one reload signal (certificates, tokens, models)."""
+    rescan_repository: ReloadHook | None = None
+    """The model-repository hook alone (one of reload_hooks): what --poll-seconds runs."""
 
     async def reload(self) -> bool:
         """Run every reload hook; one that fails is logged and the others still run. True if all succeeded."""
@@ -101,8 +104,16 @@ async def create_server(config: ServerConfig) -> RunningServer:
         raise
     service.attach(engine)
     models = engine.models
-    for model in models.values():
-        metrics.provider.labels(model.name, model.provider).set(1)
+    watcher = RepositoryWatcher(config.repository, engine, config.engine_settings(), metrics.model_load_failed)
+    _show_versions(metrics, engine)
+
+    async def rescan_repository() -> None:
+        """The model repository (server/core/repository.py): load new versions, swap defaults, unload removed."""
+        try:
+            await watcher.rescan()
+        finally:
+            _show_versions(metrics, engine)
+
     for name in (OVERALL, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
@@ -112,7 +123,14 @@ async def create_server(config: ServerConfig) -> RunningServer:
         "on" if config.batching else "off",
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
     )
-    return RunningServer(server, port, health_servicer, engine, metrics, metrics_port)
+    return RunningServer(server, port, health_servicer, engine, metrics, metrics_port, [rescan_repository], rescan_repository)
+
+
+def _show_versions(metrics: Metrics, engine: Engine) -> None:
+    metrics.show_versions(
+        {name: {v: m.provider for v, m in engine.served_versions(name).items()} for name in engine.models},
+        {name: model.version for name, model in engine.models.items()},
+    )
 
 
 def _serve_metrics(metrics: Metrics, config: ServerConfig) -> int:
@@ -144,12 +162,25 @@ async def serve(config: ServerConfig) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    poller = asyncio.ensure_future(_poll(running.rescan_repository, config.poll_seconds)) if config.poll_seconds > 0 else None
     if config.port_file is not None:
         config.port_file.write_text(json.dumps({"port": running.port, "metrics_port": running.metrics_port}))
     await stop.wait()
     logger.info("signal received: draining for up to %.1f s", config.grace_seconds)
+    if poller is not None:
+        poller.cancel()
     await running.stop(config.grace_seconds)
     logger.info("stopped")
+
+
+async def _poll(rescan: ReloadHook | None, seconds: float) -> None:
+    """--poll-seconds: rescan the model repository every `seconds`, as SIGHUP does (its other hooks are not polled)."""
+    while rescan is not None:
+        await asyncio.sleep(seconds)
+        try:
+            await rescan()
+        except Exception:
+            logger.exception("repository poll failed; keeping the loaded models")
 
 
 def main(argv: list[str] | None = None) -> int:

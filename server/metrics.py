@@ -1,6 +1,13 @@
-"""Prometheus metrics: requests by model and code, per-stage latency, words per request, batch size, provider."""
+"""Prometheus metrics: requests by model, version and code, per-stage latency, words per request, batch size,
+provider and version lifecycle.
+
+Counters and gauges carry the model's version; the histograms stay per model (each histogram series is a
+dozen-odd buckets, so a version label would multiply them by every version ever served).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -14,8 +21,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "charrnn_requests", "RPCs handled, by method, model and gRPC status code.",
-            ["method", "model", "code"], registry=self.registry,
+            "charrnn_requests", "RPCs handled, by method, model, the version that answered and gRPC status code.",
+            ["method", "model", "version", "code"], registry=self.registry,
         )
         self.request_seconds = Histogram(
             "charrnn_request_seconds", "End-to-end server time of an RPC (a stream counts per message).",
@@ -38,14 +45,38 @@ class Metrics:
             ["model"], buckets=_WORD_BUCKETS, registry=self.registry,
         )
         self.provider = Gauge(
-            "charrnn_execution_provider", "1 for the onnxruntime execution provider actually running each model.",
-            ["model", "provider"], registry=self.registry,
+            "charrnn_execution_provider",
+            "1 for the onnxruntime execution provider actually running each loaded model version.",
+            ["model", "version", "provider"], registry=self.registry,
+        )
+        self.default_version = Gauge(
+            "charrnn_model_default_version", "The version requests without a version get, per model.",
+            ["model"], registry=self.registry,
+        )
+        self.load_failures = Counter(
+            "charrnn_model_load_failures", "Model versions refused while reloading (bad sha256, broken ONNX, ...).",
+            ["model", "version"], registry=self.registry,
         )
 
     def observe_run(self, model: str, words: int, seconds: float) -> None:
         """Record one onnxruntime run."""
         self.inference_seconds.labels(model).observe(seconds)
         self.batch_words.labels(model).observe(words)
+
+    def show_versions(self, providers: Mapping[str, Mapping[int, str]], defaults: Mapping[str, int]) -> None:
+        """Replace the loaded-version gauges: each model's loaded versions with their provider, and its default
+        (an unloaded version's series goes, so the label set stays that of what is loaded)."""
+        self.provider.clear()
+        self.default_version.clear()
+        for model, versions in providers.items():
+            for version, provider in versions.items():
+                self.provider.labels(model, str(version), provider).set(1)
+        for model, version in defaults.items():
+            self.default_version.labels(model).set(version)
+
+    def model_load_failed(self, model: str, version: int, _error: str) -> None:
+        """Count one refused model version (server.core.repository.FailureHook)."""
+        self.load_failures.labels(model, str(version)).inc()
 
     def serve(self, port: int, address: str) -> int:
         """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""

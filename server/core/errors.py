@@ -14,6 +14,7 @@ class Reason(StrEnum):
     """Why a request failed, as ErrorInfo.reason (UPPER_SNAKE_CASE, as google.rpc.ErrorInfo asks)."""
 
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
     NO_WORDS = "NO_WORDS"
     WORD_EMPTY = "WORD_EMPTY"
     WORD_TOO_LONG = "WORD_TOO_LONG"
@@ -66,6 +67,12 @@ class ModelNotFoundError(ServiceError):
 
     kind = ErrorKind.NOT_FOUND
     reason = Reason.MODEL_NOT_FOUND
+
+
+class VersionNotFoundError(ModelNotFoundError):
+    """The request names a version of a loaded model that is not loaded (never was, failed, or was unloaded)."""
+
+    reason = Reason.VERSION_NOT_FOUND
 
 
 class InvalidRequestError(ServiceError):

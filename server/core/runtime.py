@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime
 
-from export.manifest import ONNX_FILE, Manifest, ManifestError, list_model_folders
+from export.manifest import FLAT_LAYOUT_VERSION, ONNX_FILE, Manifest, ManifestError, VersionFolder, scan_repository
 from server.core.alphabet import Alphabet, WordIndices, one_hot_batch
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,21 @@ class ModelRuntime:
     event loop needs (2 cores, 1-word requests at concurrency 64: 1,610 requests/s spinning, 3,137 not).
     """
 
-    def __init__(self, folder: Path, device: str = "auto", run_threads: int = 1) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        device: str = "auto",
+        run_threads: int = 1,
+        *,
+        name: str | None = None,
+        version: int = FLAT_LAYOUT_VERSION,
+    ) -> None:
+        """Load the model in `folder`; `name` is the model folder's name (default: `folder`'s own, as in the
+        flat layout) and `version` the version it is served as."""
+        expected_name = folder.name if name is None else name
         manifest = Manifest.read(folder)
-        if manifest.name != folder.name:
-            raise ManifestError(f"{folder}: manifest names the model {manifest.name!r}, the folder is {folder.name!r}")
+        if manifest.name != expected_name:
+            raise ManifestError(f"{folder}: manifest names the model {manifest.name!r}, the folder is {expected_name!r}")
         manifest.verify_artifacts(folder)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = max(1, run_threads) + 1
@@ -88,14 +99,36 @@ class ModelRuntime:
         actual = [node.name for node in self.session.get_inputs()]
         if actual != expected:
             raise ManifestError(f"{folder}: ONNX inputs {actual} differ from the manifest's {expected}")
+        letters = self.session.get_inputs()[0].shape[-1]
+        if isinstance(letters, int) and letters != manifest.input_size:
+            raise ManifestError(
+                f"{folder}: the ONNX graph takes {letters} letters per character, but the manifest's alphabet "
+                f"{manifest.alphabet!r} has {manifest.input_size}"
+            )
         self.manifest = manifest
+        self.version = version
+        """The version this runtime serves (the folder's number; 1 for the flat layout)."""
         self.alphabet = Alphabet(manifest.alphabet)
         self.folder = folder
+        self.fingerprint = ""
+        """The version folder's files when they were loaded (server.core.repository.fingerprint; "" if unknown)."""
 
     @property
     def name(self) -> str:
         """The model's name, as clients address it."""
         return self.manifest.name
+
+    def warm_up(self) -> None:
+        """One run of a one-letter word on this thread: a model that loads but cannot run fails here, before it
+        serves (and onnxruntime's first-run allocations happen before the first request)."""
+        letters = self.alphabet.indices([self.manifest.alphabet[0]])
+        h0 = self.zero_state(1)
+        outputs = self.run(letters, h0, np.zeros_like(h0) if self.manifest.has_cell_state else None)
+        if outputs.outputs.shape[0] != 1 or outputs.h_n.shape != h0.shape:
+            raise ManifestError(
+                f"{self.folder}: a warm-up run returned outputs {outputs.outputs.shape} and h_n {outputs.h_n.shape}; "
+                f"expected 1 word and {h0.shape}"
+            )
 
     def zero_state(self, words: int) -> npt.NDArray[np.float32]:
         """A fresh state [num_layers, words, hidden] (what PyTorch uses when no state is given)."""
@@ -154,15 +187,25 @@ def _outputs(results: list[npt.NDArray[np.float32]]) -> RunOutputs:
     return RunOutputs(results[0], results[1], results[2] if len(results) > 2 else None)
 
 
+def load_version(source: VersionFolder, device: str = "auto", run_threads: int = 1) -> ModelRuntime:
+    """Load one version of a model folder and warm it up (blocking: call it off the event loop)."""
+    model = ModelRuntime(source.path, device, run_threads, name=source.name, version=source.version)
+    model.warm_up()
+    return model
+
+
 def load_repository(repository: Path, device: str = "auto", run_threads: int = 1) -> dict[str, ModelRuntime]:
-    """Load every model of a repository, or raise naming the first one that is missing, altered or unusable."""
-    folders = list_model_folders(repository)
-    if not folders:
-        raise ManifestError(f"{repository}: no models (expected <name>/manifest.json folders); run charrnn-export first")
+    """Load the highest version of every model of a repository, or raise naming the first one that is missing,
+    altered or unusable."""
+    scanned = scan_repository(repository)
+    if not scanned:
+        raise ManifestError(
+            f"{repository}: no models (expected <name>/<version>/manifest.json folders); run charrnn-export first"
+        )
     models: dict[str, ModelRuntime] = {}
-    for folder in folders:
-        model = ModelRuntime(folder, device, run_threads)
-        models[model.name] = model
+    for name, versions in scanned.items():
+        model = load_version(versions[-1], device, run_threads)
+        models[name] = model
         if device == "auto" and model.provider != CUDA:
             device = "cpu"  # CUDA could not start for this model: do not retry (and log) it for every other one
     return models

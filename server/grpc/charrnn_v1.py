@@ -9,6 +9,7 @@ parsed into a message and serialised again. Errors become statuses in status.py,
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from proto.charrnn.v1 import charrnn_pb2 as pb
-from server.core.engine import Engine
+from server.core.engine import Engine, VersionState
 from server.core.errors import ModelsLoadingError, ServiceError
 from server.core.runtime import ModelRuntime
 from server.grpc.charrnn_v1_codec import encode_response, initial_state
@@ -34,6 +35,16 @@ STREAM_PIPELINE_DEPTH = 4
 
 Response = TypeVar("Response")
 
+_ANSWERED_VERSION: contextvars.ContextVar[str] = contextvars.ContextVar("answered_version", default="")
+"""The model version that answered the RPC being handled (each handler runs in its own task, so its own
+context): set by _encode, read by the metrics in _observed and _stream_message."""
+
+_VERSION_STATES = {
+    VersionState.READY: pb.VERSION_STATE_READY,
+    VersionState.FAILED: pb.VERSION_STATE_FAILED,
+    VersionState.UNLOADING: pb.VERSION_STATE_UNLOADING,
+}
+
 
 class CharRnnService:
     """Translates charrnn.v1 messages to Engine calls and back.
@@ -46,7 +57,7 @@ class CharRnnService:
         self.metrics = metrics
         self._engine: Engine | None = None
         # Metric children by label values: labels() is a locked dict lookup per call, these are plain lookups.
-        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._model_children: dict[str, tuple[Any, Any]] = {}
 
     def attach(self, engine: Engine) -> None:
@@ -108,7 +119,7 @@ class CharRnnService:
             code = status_code(error)
             raise
         finally:
-            self._record("EncodeStream", request.model, code, started)
+            self._record("EncodeStream", request.model, code, started, _ANSWERED_VERSION.get())
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Metadata of every loaded model, sorted by name."""
@@ -118,9 +129,10 @@ class CharRnnService:
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
-        """One model's metadata."""
+        """One model's metadata: its default version's, or the loaded version asked for."""
         return await self._observed(
-            "GetModel", request.name, context, _as_async(lambda: self._metadata(self.engine.model(request.name)))
+            "GetModel", request.name, context,
+            _as_async(lambda: self._metadata(self.engine.model(request.name, request.version))),
         )
 
     async def _observed(
@@ -132,6 +144,7 @@ class CharRnnService:
     ) -> Response:
         """Run a handler, count it, time it, and turn errors into statuses (tracebacks go to the log only)."""
         started = time.perf_counter()
+        _ANSWERED_VERSION.set("")
         try:
             response = await handler()
         except ServiceError as error:
@@ -151,18 +164,18 @@ class CharRnnService:
             self._record(method, model, grpc.StatusCode.INTERNAL, started)
             await abort(context, error)
         else:
-            self._record(method, model, grpc.StatusCode.OK, started)
+            self._record(method, model, grpc.StatusCode.OK, started, _ANSWERED_VERSION.get())
             return response
         raise AssertionError("unreachable: context.abort raises")
 
-    def _record(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
-        # Unknown names would grow the label set without bound.
+    def _record(self, method: str, model: str, code: grpc.StatusCode, started: float, version: str = "") -> None:
+        # Unknown names would grow the label set without bound; versions are only those that answered.
         label = model if self._engine is not None and model in self._engine.models else ""
-        key = (method, label, code.name)
+        key = (method, label, version, code.name)
         children = self._request_children.get(key)
         if children is None:
             children = self._request_children[key] = (
-                self.metrics.requests.labels(method, label, code.name),
+                self.metrics.requests.labels(method, label, version, code.name),
                 self.metrics.request_seconds.labels(method, label),
             )
         children[0].inc()
@@ -185,7 +198,10 @@ class CharRnnService:
         else:
             report = request.invalid_words == pb.INVALID_WORD_POLICY_REPORT
         states = [initial_state(state) for state in request.initial_states]
-        rows = await self.engine.encode_rows(request.model, list(request.words), states, report_invalid=report)
+        rows = await self.engine.encode_rows(
+            request.model, list(request.words), states, report_invalid=report, version=request.version
+        )
+        _ANSWERED_VERSION.set(str(rows.model.version))
         words_per_request, queue_seconds = self._per_model(rows.model.name)
         words_per_request.observe(len(request.words))
         if rows.stats is not None:
@@ -205,6 +221,14 @@ class CharRnnService:
             artifact_sha256=manifest.artifacts,
             execution_provider=model.provider,
             max_word_length=self.engine.limits.max_word_length,
+            version=model.version,
+            versions=[
+                pb.VersionStatus(
+                    version=status.version, state=_VERSION_STATES[status.state], error=status.error,
+                    is_default=status.default,
+                )
+                for status in self.engine.version_statuses(manifest.name)
+            ],
         )
 
 

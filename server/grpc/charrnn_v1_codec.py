@@ -69,8 +69,8 @@ def field_tag(message: Descriptor, name: str) -> bytes:
 _RESPONSE, _WORD_RESULT, _TIMING_MESSAGE, _STATE = (
     pb.EncodeResponse.DESCRIPTOR, pb.WordResult.DESCRIPTOR, pb.Timing.DESCRIPTOR, pb.State.DESCRIPTOR
 )
-_MODEL, _HIDDEN_SIZE, _NUM_LAYERS, _RESULT, _TIMING_FIELD = (
-    field_tag(_RESPONSE, name) for name in ("model", "hidden_size", "num_layers", "results", "timing")
+_MODEL, _HIDDEN_SIZE, _NUM_LAYERS, _RESULT, _TIMING_FIELD, _VERSION = (
+    field_tag(_RESPONSE, name) for name in ("model", "hidden_size", "num_layers", "results", "timing", "version")
 )
 _WORD, _LENGTH, _OUTPUTS, _HIDDEN, _CELL, _ERROR = (
     field_tag(_WORD_RESULT, name) for name in ("word", "length", "outputs", "hidden", "cell", "error")
@@ -126,13 +126,27 @@ def encode_response(rows: RequestRows, started: float) -> bytes:
         _append_results(rows, parts)
         data = b"".join(parts)
     total_ms = (time.perf_counter() - started) * 1000.0
-    return b"".join((data, _TIMING.pack(_TIMING_HEAD, queue_ms, _INF_TAG, inference_ms, _TOTAL_TAG, total_ms)))
+    # The version (field 6) goes before timing (5): where protobuf itself writes it once timing is cleared
+    # (tests/test_codec.py compares the bytes that way); parsers accept fields in any order.
+    return b"".join((
+        data, _version_field(rows.model.version),
+        _TIMING.pack(_TIMING_HEAD, queue_ms, _INF_TAG, inference_ms, _TOTAL_TAG, total_ms),
+    ))
+
+
+@functools.lru_cache(maxsize=256)
+def _version_field(version: int) -> bytes:
+    """EncodeResponse.version, omitted when 0 (as protobuf does)."""
+    return _VERSION + _varint(version) if version else b""
 
 
 def reference_response(rows: RequestRows, total_ms: float) -> pb.EncodeResponse:
     """The message encode_response() writes, built field by field with protobuf's API: slow, obviously right."""
     manifest = rows.model.manifest
-    response = pb.EncodeResponse(model=manifest.name, hidden_size=manifest.hidden_size, num_layers=manifest.num_layers)
+    response = pb.EncodeResponse(
+        model=manifest.name, hidden_size=manifest.hidden_size, num_layers=manifest.num_layers,
+        version=rows.model.version,
+    )
     for item in rows.word_encodings():
         if isinstance(item, WordEncoding):
             response.results.add(

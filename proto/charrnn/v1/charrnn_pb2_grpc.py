@@ -82,7 +82,7 @@ class CharRnnServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """One model's metadata; NOT_FOUND for an unknown name.
+        """One model's metadata (or one loaded version's); NOT_FOUND for an unknown name or version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
