@@ -84,6 +84,8 @@ class Encoding:
     hidden: npt.NDArray[np.float32]  # [num_layers, hidden_size]
     cell: npt.NDArray[np.float32] | None  # [num_layers, hidden_size], LSTM only
     error: str = ""
+    version: int = 0
+    """The model version that encoded the word (0 from a server that does not say)."""
 
     @property
     def state(self) -> State:
@@ -91,13 +93,38 @@ class Encoding:
         return State(self.hidden, self.cell)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON shape the CLI and batch job print: word, outputs, hidden, cell (LSTM only) or error."""
+        """The JSON shape the CLI and batch job print: word, version, outputs, hidden, cell (LSTM only); or word
+        and error."""
         if self.error:
             return {"word": self.word, "error": self.error}
-        record: dict[str, Any] = {"word": self.word, "outputs": self.outputs.tolist(), "hidden": self.hidden.tolist()}
+        record: dict[str, Any] = {
+            "word": self.word, "version": self.version, "outputs": self.outputs.tolist(), "hidden": self.hidden.tolist()
+        }
         if self.cell is not None:
             record["cell"] = self.cell.tolist()
         return record
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """One version of a model as the server reports it."""
+
+    version: int
+    state: str
+    """ready, failed or unloading."""
+    error: str = ""
+    """Why it failed to load (failed), or why a reload of it was refused (ready)."""
+    default: bool = False
+    """Whether requests without a version get this one."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as plain JSON values."""
+        return {"version": self.version, "state": self.state, "error": self.error, "default": self.default}
+
+
+_VERSION_STATES = {
+    pb.VERSION_STATE_READY: "ready", pb.VERSION_STATE_FAILED: "failed", pb.VERSION_STATE_UNLOADING: "unloading",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +146,10 @@ class ModelInfo:
     max_word_length: int
     artifact_sha256: dict[str, str]
     """File name -> SHA-256 of each of the model's artifacts."""
+    version: int = 0
+    """The version this describes: the default one, unless a version was asked for."""
+    versions: tuple[VersionInfo, ...] = ()
+    """Every version the server knows of for this model, oldest first, with its state."""
 
     @property
     def state_shape(self) -> tuple[int, int]:
@@ -138,6 +169,8 @@ class ModelInfo:
             "execution_provider": self.execution_provider,
             "max_word_length": self.max_word_length,
             "artifact_sha256": dict(sorted(self.artifact_sha256.items())),
+            "version": self.version,
+            "versions": [version.to_json() for version in self.versions],
         }
 
 
@@ -151,6 +184,8 @@ class EncodeRequest:
     """One per word (None: start that word from zeros), or None: every word starts from zeros."""
     report_invalid: bool = True
     """Report a bad word in its own Encoding (the stream's default) instead of failing the whole stream."""
+    version: int = 0
+    """The model version to use; 0: the model's default (its highest loaded version)."""
 
 
 # ---- wire format ------------------------------------------------------------------------------------------------
@@ -161,9 +196,11 @@ def build_request(
     words: Sequence[str],
     states: Sequence[State | None] | None = None,
     report_invalid: bool | None = None,
+    version: int = 0,
 ) -> pb.EncodeRequest:
-    """An EncodeRequest message; states, if given, are one per word (None for a fresh start, sent empty)."""
-    request = pb.EncodeRequest(model=model, words=words)
+    """An EncodeRequest message; states, if given, are one per word (None for a fresh start, sent empty);
+    version 0 asks for the model's default version."""
+    request = pb.EncodeRequest(model=model, words=words, version=version)
     if states is not None:
         if len(states) != len(words):
             raise ValueError(f"{len(states)} states for {len(words)} words: give one per word")
@@ -180,12 +217,12 @@ def build_request(
 
 def parse_response(response: pb.EncodeResponse) -> list[Encoding]:
     """Per-word numpy arrays from an EncodeResponse."""
-    layers, hidden = response.num_layers, response.hidden_size
+    layers, hidden, version = response.num_layers, response.hidden_size, response.version
     encodings = []
     for result in response.results:
         if result.error:
             empty = np.zeros((0, hidden), dtype=np.float32)  # no state: zeros could pass for a real one
-            encodings.append(Encoding(result.word, empty, empty, None, result.error))
+            encodings.append(Encoding(result.word, empty, empty, None, result.error, version))
             continue
         encodings.append(
             Encoding(
@@ -193,6 +230,7 @@ def parse_response(response: pb.EncodeResponse) -> list[Encoding]:
                 np.asarray(result.outputs, dtype=np.float32).reshape(result.length, hidden),
                 np.asarray(result.hidden, dtype=np.float32).reshape(layers, hidden),
                 np.asarray(result.cell, dtype=np.float32).reshape(layers, hidden) if len(result.cell) else None,
+                version=version,
             )
         )
     return encodings
@@ -211,6 +249,11 @@ def parse_model(metadata: pb.ModelMetadata) -> ModelInfo:
         execution_provider=metadata.execution_provider,
         max_word_length=metadata.max_word_length,
         artifact_sha256=dict(metadata.artifact_sha256),
+        version=metadata.version,
+        versions=tuple(
+            VersionInfo(status.version, _VERSION_STATES.get(status.state, "unknown"), status.error, status.is_default)
+            for status in metadata.versions
+        ),
     )
 
 
@@ -261,7 +304,7 @@ class _ClientCore:
         return states is not None and request.model not in self._shapes and any(state is None for state in states)
 
     def _message(self, request: EncodeRequest) -> pb.EncodeRequest:
-        message = build_request(request.model, request.words, request.states, request.report_invalid)
+        message = build_request(request.model, request.words, request.states, request.report_invalid, request.version)
         if request.states is not None and any(state is None for state in request.states):
             layers, hidden = self._shapes[request.model]
             for state in message.initial_states:
@@ -312,10 +355,11 @@ class CharRnnClient(_ClientCore):
         states: Sequence[State | None] | None = None,
         *,
         report_invalid: bool = False,
+        version: int = 0,
         timeout: float | None = None,
     ) -> list[Encoding]:
-        """Encode words with a model; one Encoding per word, in order."""
-        message = self._request(EncodeRequest(model, words, states, report_invalid), timeout)
+        """Encode words with a model (its default version, or `version`); one Encoding per word, in order."""
+        message = self._request(EncodeRequest(model, words, states, report_invalid, version), timeout)
         return parse_response(self._call(self._stub.Encode, message, timeout))
 
     def encode_stream(self, requests: Iterable[EncodeRequest], *, timeout: float | None = None) -> Iterator[list[Encoding]]:
@@ -336,9 +380,9 @@ class CharRnnClient(_ClientCore):
         """Metadata of every model the server has loaded."""
         return self._model_infos(self._call(self._stub.ListModels, _LIST_MODELS, timeout))
 
-    def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
-        """One model's metadata (ModelNotFoundError if unknown)."""
-        return self._model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
+    def model(self, name: str, *, version: int = 0, timeout: float | None = None) -> ModelInfo:
+        """One model's metadata, its default version's or `version`'s (ModelNotFoundError if unknown)."""
+        return self._model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name, version=version), timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health service's status name for the server (or one service): SERVING, NOT_SERVING, ..."""
@@ -391,10 +435,11 @@ class AsyncCharRnnClient(_ClientCore):
         states: Sequence[State | None] | None = None,
         *,
         report_invalid: bool = False,
+        version: int = 0,
         timeout: float | None = None,
     ) -> list[Encoding]:
-        """Encode words with a model; one Encoding per word, in order."""
-        message = await self._request(EncodeRequest(model, words, states, report_invalid), timeout)
+        """Encode words with a model (its default version, or `version`); one Encoding per word, in order."""
+        message = await self._request(EncodeRequest(model, words, states, report_invalid, version), timeout)
         return parse_response(await self._call(self._stub.Encode, message, timeout))
 
     async def encode_stream(
@@ -417,9 +462,11 @@ class AsyncCharRnnClient(_ClientCore):
         """Metadata of every model the server has loaded."""
         return self._model_infos(await self._call(self._stub.ListModels, _LIST_MODELS, timeout))
 
-    async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
-        """One model's metadata (ModelNotFoundError if unknown)."""
-        return self._model_info(await self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout))
+    async def model(self, name: str, *, version: int = 0, timeout: float | None = None) -> ModelInfo:
+        """One model's metadata, its default version's or `version`'s (ModelNotFoundError if unknown)."""
+        return self._model_info(
+            await self._call(self._stub.GetModel, pb.GetModelRequest(name=name, version=version), timeout)
+        )
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health service's status name for the server (or one service): SERVING, NOT_SERVING, ..."""

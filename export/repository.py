@@ -37,6 +37,7 @@ def export_model(loaded: LoadedModel, repository: Path, version: int | None = No
     if version < 1:
         raise ValueError(f"a version is a positive integer, not {version}")
     model_folder = repository / spec.name
+    created = not model_folder.exists()
     model_folder.mkdir(parents=True, exist_ok=True)
     target = model_folder / str(version)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=model_folder))
@@ -76,6 +77,8 @@ def export_model(loaded: LoadedModel, repository: Path, version: int | None = No
         _replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(model_folder, ignore_errors=True)  # a new model's first export failed: leave no trace
         raise
     logger.info(
         "exported %s version %d (%s, %d layer(s), hidden %d, alphabet of %d) to %s; max abs error onnx %.2g, "

@@ -80,10 +80,12 @@ def build_graph(kind: str, input_size: int, hidden: int, layers: int, seed: int)
 
 
 def write_model(
-    repository: Path, name: str, kind: str, alphabet: str, hidden: int = 2, layers: int = 1, seed: int = 0
+    repository: Path, name: str, kind: str, alphabet: str, hidden: int = 2, layers: int = 1, seed: int = 0,
+    version: int | None = None,
 ) -> Path:
-    """Write <repository>/<name>/ (model.onnx + manifest.json) as charrnn-export lays it out."""
-    folder = repository / name
+    """Write <repository>/<name>/<version>/ (model.onnx + manifest.json) as charrnn-export lays it out, or with
+    no version the flat layout of earlier releases, <repository>/<name>/ (read as version 1)."""
+    folder = repository / name if version is None else repository / name / str(version)
     folder.mkdir(parents=True)
     onnx.save(build_graph(kind, len(alphabet), hidden, layers, seed), str(folder / ONNX_FILE))
     specs = [

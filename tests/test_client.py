@@ -141,12 +141,12 @@ def test_encode_equals_eager_pytorch(client: CharRnnClient, modules: dict[str, n
 
 def test_to_json_shape(client: CharRnnClient) -> None:
     lstm = client.encode("lstm", ["hel"])[0].to_json()
-    assert set(lstm) == {"word", "outputs", "hidden", "cell"}
+    assert set(lstm) == {"word", "version", "outputs", "hidden", "cell"} and lstm["version"] == 1
     assert lstm["word"] == "hel"
     assert len(lstm["outputs"]) == 3 and all(len(row) == 2 for row in lstm["outputs"])
     assert len(lstm["hidden"]) == 3 and len(lstm["cell"]) == 3
     rnn = client.encode("rnn", ["hel"])[0].to_json()
-    assert set(rnn) == {"word", "outputs", "hidden"}
+    assert set(rnn) == {"word", "version", "outputs", "hidden"}
     assert len(rnn["hidden"]) == 1
 
 
@@ -184,8 +184,10 @@ def test_health_and_metadata(client: CharRnnClient, modules: dict[str, nn.RNNBas
     record = models[0].to_json()
     assert list(record) == [
         "name", "kind", "input_size", "hidden_size", "num_layers", "nonlinearity", "alphabet",
-        "execution_provider", "max_word_length", "artifact_sha256",
+        "execution_provider", "max_word_length", "artifact_sha256", "version", "versions",
     ]
+    assert record["version"] == 1
+    assert record["versions"] == [{"version": 1, "state": "ready", "error": "", "default": True}]
     assert list(record["artifact_sha256"]) == ["model.onnx", "model.pt"]
 
 

@@ -763,7 +763,7 @@ class TestServicesOutsideContainers:
         repository = Path(flag(export.argv, "--out") or export.env["CHARRNN_REPOSITORY"])
         for model in BUILTIN_MODELS:
             for file in MODEL_FILES:
-                assert (repository / model / file).is_file(), f"{model}/{file} not exported"
+                assert (repository / model / "1" / file).is_file(), f"{model}/1/{file} not exported"
 
     @pytest.fixture
     def server(self, deployment: Deployment) -> Deployment:

@@ -302,16 +302,16 @@ def test_invalid_model_name_is_refused(tmp_path: Path, repository: Path, name: s
 def test_refused_checkpoint_leaves_existing_model_intact(tmp_path: Path, repository: Path) -> None:
     good = _save(nn.LSTM(4, 3).state_dict(), tmp_path / "good.pt")
     export_model(load_checkpoint(good, name="user_model", kind="lstm", alphabet="helo"), repository)
-    before = {entry.name: entry.read_bytes() for entry in (repository / "user_model").iterdir()}
+    before = {entry.name: entry.read_bytes() for entry in (repository / "user_model" / "1").iterdir()}
 
     bad = _save(nn.GRU(4, 3).state_dict(), tmp_path / "bad.pt")
     failure = _attempt(bad, repository, kind="lstm")
     assert "the checkpoint is a gru" in str(failure)
 
     _assert_untouched(repository, {"user_model"})
-    after = {entry.name: entry.read_bytes() for entry in (repository / "user_model").iterdir()}
+    after = {entry.name: entry.read_bytes() for entry in (repository / "user_model" / "1").iterdir()}
     assert after == before
-    Manifest.read(repository / "user_model").verify_artifacts(repository / "user_model")
+    Manifest.read(repository / "user_model" / "1").verify_artifacts(repository / "user_model" / "1")
 
 
 # ---- checkpoints that do export -------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_gru_and_relu_checkpoints_export_with_parity(
     manifest = export_model(
         load_checkpoint(path, name="user_model", kind=kind, alphabet=alphabet, nonlinearity=nonlinearity), repository
     )
-    folder = repository / "user_model"
+    folder = repository / "user_model" / "1"
     _assert_untouched(repository, {"user_model"})
     assert {entry.name for entry in folder.iterdir()} == {MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE}
     assert Manifest.read(folder) == manifest
@@ -431,11 +431,11 @@ def test_relu_checkpoint_declared_relu_differs_from_tanh(tmp_path: Path, reposit
     path = _save(nn.RNN(7, 5, nonlinearity="relu").state_dict(), tmp_path / "relu.pt")
     export_model(load_checkpoint(path, name="as_relu", kind="rnn", alphabet="abcdefg", nonlinearity="relu"), repository)
     export_model(load_checkpoint(path, name="as_tanh", kind="rnn", alphabet="abcdefg"), repository)
-    assert Manifest.read(repository / "as_tanh").nonlinearity == "tanh"
+    assert Manifest.read(repository / "as_tanh" / "1").nonlinearity == "tanh"
     word = [[0, 1, 2, 3, 4, 5, 6]]
     results = []
     for name in ("as_relu", "as_tanh"):
-        session = onnxruntime.InferenceSession(str(repository / name / ONNX_FILE), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(repository / name / "1" / ONNX_FILE), providers=["CPUExecutionProvider"])
         results.append(_run_onnx(session, word, 7, 1, 5)[0])
     assert float(np.max(np.abs(results[0] - results[1]))) > PARITY_TOLERANCE
     _assert_untouched(repository, {"as_relu", "as_tanh"})
@@ -448,7 +448,7 @@ def test_float64_checkpoint_is_accepted(tmp_path: Path, repository: Path) -> Non
     manifest = export_model(load_checkpoint(path, name="double", kind="lstm", alphabet="helo"), repository)
     assert manifest.parity["onnx_max_abs_error"] <= PARITY_TOLERANCE
     with expected_torch_notices():
-        state = torch.jit.load(str(repository / "double" / TORCHSCRIPT_FILE)).state_dict()
+        state = torch.jit.load(str(repository / "double" / "1" / TORCHSCRIPT_FILE)).state_dict()
     for key, value in original.state_dict().items():
         assert state[f"rnn.{key}"].dtype == torch.float32
         assert torch.equal(state[f"rnn.{key}"], value.float())

@@ -12,7 +12,9 @@ import onnxruntime
 import pytest
 import torch
 
-from export.manifest import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, list_model_folders, sha256_file
+from export.manifest import (
+    MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, list_model_folders, sha256_file, version_folders,
+)
 from export.trace import PARITY_TOLERANCE
 from tests.helpers import LARGE_ALPHABET, LARGE_MODEL
 
@@ -91,15 +93,16 @@ def test_exports_all_builtins(tmp_path: Path, model_repository: Path, launcher: 
     result = _run(["--out", str(out)], tmp_path, launcher, WARNING_SETTINGS[warnings_setting])
     assert result.returncode == 0, result.stderr
     _assert_no_deprecation_noise(result.stderr)
-    assert result.stdout.splitlines() == [f"{name}: {out / name}" for name in BUILTINS]
+    assert result.stdout.splitlines() == [f"{name} version 1: {out / name / '1'}" for name in BUILTINS]
     assert _entries(out) == sorted(BUILTINS)
     assert [folder.name for folder in list_model_folders(out)] == sorted(BUILTINS)
     for name in BUILTINS:
-        manifest = _assert_valid_model(out / name)
+        assert _entries(out / name) == ["1"]
+        manifest = _assert_valid_model(out / name / "1")
         assert manifest.name == name
         assert manifest.weights == {"source": "seed", "seed": 0}
         # A separate process produces the same ONNX bytes as the in-process export of the test session.
-        assert (out / name / ONNX_FILE).read_bytes() == (model_repository / name / ONNX_FILE).read_bytes()
+        assert (out / name / "1" / ONNX_FILE).read_bytes() == (model_repository / name / "1" / ONNX_FILE).read_bytes()
     assert not (tmp_path / "model_repository").exists(), "--out was not honoured"
 
 
@@ -108,7 +111,7 @@ def test_repository_from_environment(tmp_path: Path) -> None:
     result = _run(["--only", "rnn"], tmp_path, CHARRNN_REPOSITORY=str(out))
     assert result.returncode == 0, result.stderr
     assert _entries(out) == ["rnn"]
-    _assert_valid_model(out / "rnn")
+    _assert_valid_model(out / "rnn" / "1")
     assert not (tmp_path / "model_repository").exists()
 
 
@@ -129,7 +132,7 @@ def test_checkpoint_export(tmp_path: Path, large_checkpoint: Path) -> None:
     _assert_no_deprecation_noise(result.stderr)
     assert result.stdout.splitlines() == [f"{LARGE_MODEL}: {out / LARGE_MODEL}"]
     assert _entries(out) == [LARGE_MODEL]
-    manifest = _assert_valid_model(out / LARGE_MODEL)
+    manifest = _assert_valid_model(out / LARGE_MODEL / "1")
     assert (manifest.kind, manifest.alphabet, manifest.input_size) == ("lstm", LARGE_ALPHABET, 57)
     assert (manifest.hidden_size, manifest.num_layers) == (64, 2)
     assert manifest.weights == {
@@ -145,7 +148,7 @@ def test_checkpoint_export(tmp_path: Path, large_checkpoint: Path) -> None:
     x = np.zeros((1, len(word), 57), dtype=np.float32)
     x[0, np.arange(len(word)), word] = 1.0
     zeros = np.zeros((2, 1, 64), dtype=np.float32)
-    session = onnxruntime.InferenceSession(str(out / LARGE_MODEL / ONNX_FILE), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(out / LARGE_MODEL / "1" / ONNX_FILE), providers=["CPUExecutionProvider"])
     outputs, h_n, c_n = session.run(
         None, {"x": x, "lengths": np.array([len(word)], dtype=np.int32), "h0": zeros, "c0": zeros}
     )
@@ -255,34 +258,61 @@ def test_help_does_not_import_torch(tmp_path: Path) -> None:
     assert result.stdout.rstrip().endswith("torch not loaded")
 
 
-def test_reexport_replaces_existing_model(tmp_path: Path) -> None:
+def test_reexport_writes_the_next_version_and_never_touches_the_others(tmp_path: Path) -> None:
     out = tmp_path / "repo"
     first = _run(["--out", str(out), "--only", "lstm", "--seed", "0"], tmp_path)
     assert first.returncode == 0, first.stderr
-    old_manifest = _assert_valid_model(out / "lstm")
-    old_onnx = (out / "lstm" / ONNX_FILE).read_bytes()
-    (out / "lstm" / "stray.txt").write_text("left by an operator\n")
+    old_manifest = _assert_valid_model(out / "lstm" / "1")
+    version_one = {entry.name: entry.read_bytes() for entry in (out / "lstm" / "1").iterdir()}
 
     second = _run(["--out", str(out), "--only", "lstm", "--seed", "1"], tmp_path, "charrnn-export")
     assert second.returncode == 0, second.stderr
     _assert_no_deprecation_noise(second.stderr)
-    # The folder was swapped whole (not merged), and no staging or retired folder is left behind.
-    assert _entries(out) == ["lstm"]
-    new_manifest = _assert_valid_model(out / "lstm")
+    assert second.stdout.splitlines() == [f"lstm version 2: {out / 'lstm' / '2'}"]
+    # A new folder beside the old one; no staging folder is left behind; version 1 is byte for byte as it was.
+    assert _entries(out) == ["lstm"] and _entries(out / "lstm") == ["1", "2"]
+    assert {entry.name: entry.read_bytes() for entry in (out / "lstm" / "1").iterdir()} == version_one
+    new_manifest = _assert_valid_model(out / "lstm" / "2")
     assert new_manifest.weights == {"source": "seed", "seed": 1}
     assert old_manifest.weights == {"source": "seed", "seed": 0}
-    assert (out / "lstm" / ONNX_FILE).read_bytes() != old_onnx
     assert new_manifest.artifacts[ONNX_FILE] != old_manifest.artifacts[ONNX_FILE]
 
-    # A failed re-export (wrong alphabet) over the same name leaves the current model exactly as it was.
+    # --version N replaces that version whole (not merged).
+    (out / "lstm" / "2" / "stray.txt").write_text("left by an operator\n")
+    third = _run(["--out", str(out), "--only", "lstm", "--seed", "2", "--version", "2"], tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert _entries(out / "lstm") == ["1", "2"]
+    assert _assert_valid_model(out / "lstm" / "2").weights == {"source": "seed", "seed": 2}
+
+    # A failed export (wrong alphabet) of the same name leaves every version exactly as it was, and no folder.
     checkpoint = tmp_path / "other.pt"
     torch.save(torch.nn.LSTM(5, 2, num_layers=3).state_dict(), checkpoint)
-    before = {entry.name: entry.read_bytes() for entry in (out / "lstm").iterdir()}
-    third = _run(
+    before = {entry.relative_to(out): entry.read_bytes() for entry in out.rglob("*") if entry.is_file()}
+    fourth = _run(
         ["--out", str(out), "--checkpoint", str(checkpoint), "--name", "lstm", "--kind", "lstm", "--alphabet", "helo"],
         tmp_path,
     )
-    assert third.returncode == 2
-    assert "the alphabet has 4 letters but the checkpoint's input size is 5" in third.stderr
-    assert _entries(out) == ["lstm"]
-    assert {entry.name: entry.read_bytes() for entry in (out / "lstm").iterdir()} == before
+    assert fourth.returncode == 2
+    assert "the alphabet has 4 letters but the checkpoint's input size is 5" in fourth.stderr
+    assert _entries(out / "lstm") == ["1", "2"]
+    assert {entry.relative_to(out): entry.read_bytes() for entry in out.rglob("*") if entry.is_file()} == before
+
+
+def test_a_flat_layout_model_is_version_1_and_the_export_adds_version_2(tmp_path: Path) -> None:
+    """The layout of earlier releases (<name>/manifest.json) needs no migration: it is read as version 1."""
+    out = tmp_path / "repo"
+    assert _run(["--out", str(out), "--only", "rnn"], tmp_path).returncode == 0
+    for entry in (out / "rnn" / "1").iterdir():  # make it the flat layout
+        entry.rename(out / "rnn" / entry.name)
+    (out / "rnn" / "1").rmdir()
+    assert [(v.version, v.path) for v in version_folders(out / "rnn")] == [(1, out / "rnn")]
+    result = _run(["--out", str(out), "--only", "rnn", "--seed", "3"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"rnn version 2: {out / 'rnn' / '2'}"]
+    assert [(v.version, v.path) for v in version_folders(out / "rnn")] == [(1, out / "rnn"), (2, out / "rnn" / "2")]
+    assert _assert_valid_model(out / "rnn" / "2").weights == {"source": "seed", "seed": 3}
+
+
+def test_version_must_be_positive(tmp_path: Path) -> None:
+    result = _run(["--out", str(tmp_path / "repo"), "--only", "rnn", "--version", "0"], tmp_path)
+    assert result.returncode == 2 and "--version must be at least 1" in result.stderr

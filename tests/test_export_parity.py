@@ -211,7 +211,7 @@ def exported(model_repository: Path, eager_modules: dict[str, nn.RNNBase]) -> di
     """All four exported models of the shared repository, with an onnxruntime CPU session and a TorchScript module."""
     models: dict[str, Exported] = {}
     for name in ALL_MODELS:
-        folder = model_repository / name
+        folder = model_repository / name / "1"
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         session = onnxruntime.InferenceSession(
@@ -448,7 +448,7 @@ EXPECTED_ARCHITECTURE = {
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_manifest_fields(model_repository: Path, large_checkpoint: Path, name: str) -> None:
-    folder = model_repository / name
+    folder = model_repository / name / "1"
     manifest = Manifest.read(folder)
     kind, alphabet, hidden, layers, nonlinearity = EXPECTED_ARCHITECTURE[name]
     assert manifest.name == name
@@ -510,7 +510,8 @@ def test_repository_lists_exactly_the_four_models(model_repository: Path) -> Non
     # No staging or retired folders were left behind by the exports.
     assert sorted(child.name for child in model_repository.iterdir()) == sorted(ALL_MODELS)
     for name in ALL_MODELS:
-        assert sorted(child.name for child in (model_repository / name).iterdir()) == sorted(
+        assert [child.name for child in (model_repository / name).iterdir()] == ["1"]
+        assert sorted(child.name for child in (model_repository / name / "1").iterdir()) == sorted(
             [MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE]
         )
 
@@ -560,7 +561,7 @@ def test_onnx_graph_inputs_and_outputs(exported: dict[str, Exported], name: str)
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_altered_onnx_byte_fails_verification(model_repository: Path, tmp_path: Path, name: str) -> None:
     folder = tmp_path / name
-    shutil.copytree(model_repository / name, folder)
+    shutil.copytree(model_repository / name / "1", folder)
     manifest = Manifest.read(folder)
     manifest.verify_artifacts(folder)  # the untouched copy is valid
 
@@ -571,12 +572,12 @@ def test_altered_onnx_byte_fails_verification(model_repository: Path, tmp_path: 
     with pytest.raises(ManifestError, match=r"model\.onnx: sha256 .* does not match"):
         manifest.verify_artifacts(folder)
     # The shared fixture's copy is untouched.
-    Manifest.read(model_repository / name).verify_artifacts(model_repository / name)
+    Manifest.read(model_repository / name / "1").verify_artifacts(model_repository / name / "1")
 
 
 def test_missing_artifact_fails_verification(model_repository: Path, tmp_path: Path) -> None:
     folder = tmp_path / "lstm"
-    shutil.copytree(model_repository / "lstm", folder)
+    shutil.copytree(model_repository / "lstm" / "1", folder)
     (folder / TORCHSCRIPT_FILE).unlink()
     with pytest.raises(ManifestError, match=r"model\.pt: artifact listed in the manifest is missing"):
         Manifest.read(folder).verify_artifacts(folder)
@@ -597,19 +598,19 @@ def test_export_is_deterministic(tmp_path: Path, model_repository: Path) -> None
             export_model(seeded_model(spec), repository)
 
     for name, spec in BUILTIN_SPECS.items():
-        onnx_bytes = (first / name / ONNX_FILE).read_bytes()
-        assert onnx_bytes == (second / name / ONNX_FILE).read_bytes(), f"{name}: model.onnx differs between exports"
-        assert onnx_bytes == (model_repository / name / ONNX_FILE).read_bytes()
+        onnx_bytes = (first / name / "1" / ONNX_FILE).read_bytes()
+        assert onnx_bytes == (second / name / "1" / ONNX_FILE).read_bytes(), f"{name}: model.onnx differs between exports"
+        assert onnx_bytes == (model_repository / name / "1" / ONNX_FILE).read_bytes()
 
-        state_first = _scripted_state(first / name / TORCHSCRIPT_FILE)
-        state_second = _scripted_state(second / name / TORCHSCRIPT_FILE)
+        state_first = _scripted_state(first / name / "1" / TORCHSCRIPT_FILE)
+        state_second = _scripted_state(second / name / "1" / TORCHSCRIPT_FILE)
         reference = {f"rnn.{key}": value for key, value in seeded_model(spec).module.state_dict().items()}
         assert sorted(state_first) == sorted(state_second) == sorted(reference)
         for key, value in reference.items():
             assert torch.equal(state_first[key], value), f"{name}: {key} differs from the seeded module"
             assert torch.equal(state_second[key], value)
 
-        one, two = Manifest.read(first / name), Manifest.read(second / name)
+        one, two = Manifest.read(first / name / "1"), Manifest.read(second / name / "1")
         assert one.artifacts[ONNX_FILE] == two.artifacts[ONNX_FILE]
         assert one.weights == two.weights == {"source": "seed", "seed": 0}
 
@@ -618,4 +619,4 @@ def test_different_seed_gives_different_onnx(tmp_path: Path, model_repository: P
     """The byte comparison above can fail: other weights give other bytes."""
     manifest = export_model(seeded_model(BUILTIN_SPECS["lstm"], seed=1), tmp_path)
     assert manifest.weights == {"source": "seed", "seed": 1}
-    assert (tmp_path / "lstm" / ONNX_FILE).read_bytes() != (model_repository / "lstm" / ONNX_FILE).read_bytes()
+    assert (tmp_path / "lstm" / "1" / ONNX_FILE).read_bytes() != (model_repository / "lstm" / "1" / ONNX_FILE).read_bytes()

@@ -448,7 +448,7 @@ def test_list_and_get_model_metadata(
         assert metadata.nonlinearity == ("" if ref.lstm else "tanh")
         assert metadata.execution_provider == "CPUExecutionProvider"
         assert metadata.max_word_length == 256
-        folder = model_repository / metadata.name
+        folder = model_repository / metadata.name / "1"
         assert dict(metadata.artifact_sha256) == {
             "model.onnx": sha256_file(folder / "model.onnx"),
             "model.pt": sha256_file(folder / "model.pt"),

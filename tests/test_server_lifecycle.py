@@ -112,7 +112,7 @@ def cuda_probe(model_repository: Path) -> CudaProbe:
         "print(session.get_providers()[0])\n"
     )
     probe = subprocess.run(
-        [sys.executable, "-c", script, str(model_repository / "rnn" / "model.onnx")],
+        [sys.executable, "-c", script, str(model_repository / "rnn" / "1" / "model.onnx")],
         capture_output=True, text=True, timeout=120, check=False,
     )
     if probe.returncode == 0 and probe.stdout.strip() == CUDA:
@@ -162,14 +162,14 @@ def test_not_serving_while_models_load_then_serving(model_repository: Path, tmp_
     shutil.copytree(model_repository, repository)
     # A large (sparse) extra artifact makes loading slow: its sha256 is verified at start-up.
     size = 768 * 1024 * 1024
-    padding = repository / "rnn" / "padding.bin"
+    padding = repository / "rnn" / "1" / "padding.bin"
     with padding.open("wb") as stream:
         stream.truncate(size)
     digest = hashlib.sha256()
     zeros = bytes(1 << 20)
     for _ in range(size >> 20):
         digest.update(zeros)
-    manifest_path = repository / "rnn" / "manifest.json"
+    manifest_path = repository / "rnn" / "1" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["artifacts"]["padding.bin"] = digest.hexdigest()
     manifest_path.write_text(json.dumps(manifest))
@@ -346,7 +346,7 @@ def test_grace_seconds_bounds_the_drain(model_repository: Path, tmp_path: Path) 
 @pytest.mark.parametrize("damage", ["sha256_mismatch", "missing_onnx", "empty_repository", "absent_repository"])
 def test_refuses_to_start_on_a_bad_repository(model_repository: Path, tmp_path: Path, damage: str) -> None:
     repository = tmp_path / "repository"
-    onnx_path = repository / "lstm" / "model.onnx"
+    onnx_path = repository / "lstm" / "1" / "model.onnx"
     if damage in ("sha256_mismatch", "missing_onnx"):
         shutil.copytree(model_repository, repository)
         if damage == "sha256_mismatch":

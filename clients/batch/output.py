@@ -82,14 +82,15 @@ def format_chunk(chunk: Chunk) -> tuple[bytes, int]:
             lines.append(encode({"index": index, "word": result.word, "error": error}))
             failed += 1
         else:
-            lines.append(encode(result_json(index, result, hidden_size)))
+            lines.append(encode(result_json(index, result, hidden_size, response.version)))
         position += 1
     lines.append("")
     return "\n".join(lines).encode("ascii"), failed
 
 
-def result_json(index: int, result: pb.WordResult, hidden_size: int) -> dict[str, Any]:
-    """One encoded word's output line: the arrays of Encoding.to_json, built without numpy (3x faster)."""
+def result_json(index: int, result: pb.WordResult, hidden_size: int, version: int = 0) -> dict[str, Any]:
+    """One encoded word's output line: Encoding.to_json's fields (the model version that encoded it, the
+    arrays), built without numpy (3x faster)."""
     # A repeated float field yields each float32 widened to a Python float, exactly as ndarray.tolist() does.
     outputs, hidden, cell = list(result.outputs), list(result.hidden), list(result.cell)
     if len(outputs) != result.length * hidden_size or len(hidden) % max(hidden_size, 1):
@@ -97,6 +98,7 @@ def result_json(index: int, result: pb.WordResult, hidden_size: int) -> dict[str
     item: dict[str, Any] = {
         "index": index,
         "word": result.word,
+        "version": version,
         "outputs": [outputs[row : row + hidden_size] for row in range(0, len(outputs), hidden_size)],
         "hidden": [hidden[row : row + hidden_size] for row in range(0, len(hidden), hidden_size)],
     }
