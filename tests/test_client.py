@@ -111,13 +111,14 @@ def assert_same(actual: Encoding, expected: Encoding, what: str) -> None:
 
 
 def requests_total(server: ServerProcess, method: str, model: str, code: str) -> float:
-    """charrnn_requests_total{method, model, code} from the server's Prometheus endpoint (0 if never counted)."""
+    """charrnn_requests_total{method, model, version, code} from the server's Prometheus endpoint (0 if never
+    counted); the version is the one that answered: 1 for an OK answer here, none for an error."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "charrnn_requests_total" and sample.labels == {
-                "method": method, "model": model, "code": code,
+                "method": method, "model": model, "version": "1" if code == "OK" else "", "code": code,
             }:
                 return sample.value
     return 0.0

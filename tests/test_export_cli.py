@@ -130,7 +130,7 @@ def test_checkpoint_export(tmp_path: Path, large_checkpoint: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     _assert_no_deprecation_noise(result.stderr)
-    assert result.stdout.splitlines() == [f"{LARGE_MODEL}: {out / LARGE_MODEL}"]
+    assert result.stdout.splitlines() == [f"{LARGE_MODEL} version 1: {out / LARGE_MODEL / '1'}"]
     assert _entries(out) == [LARGE_MODEL]
     manifest = _assert_valid_model(out / LARGE_MODEL / "1")
     assert (manifest.kind, manifest.alphabet, manifest.input_size) == ("lstm", LARGE_ALPHABET, 57)

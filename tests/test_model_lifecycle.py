@@ -103,6 +103,14 @@ def metrics_text(server: ServerProcess) -> str:
         return response.read().decode()
 
 
+def output_lines(path: Path) -> int:
+    """Complete lines charrnn-batch has written so far."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 def test_export_and_sighup_under_load_swaps_exactly(tmp_path: Path, model_repository: Path) -> None:
     repo = repository_with(tmp_path, model_repository, "rnn")
     expected = {1: reference(repo / "rnn" / "1", "rnn", WORDS)}
@@ -197,7 +205,7 @@ def test_charrnn_batch_over_a_stream_during_several_reloads(tmp_path: Path, mode
     prepared = tmp_path / "prepared"  # versions 2 and 3, exported beforehand, moved in while the job runs
     for version, seed in ((2, 11), (3, 12)):
         export_model(seeded_model(BUILTIN_SPECS["lstm"], seed=seed), prepared, version)
-    words = ["".join("helo"[(i * 7 + j) % 4] for j in range(1 + i % 9)) for i in range(6000)]
+    words = ["".join("helo"[(i * 7 + j) % 4] for j in range(1 + i % 9)) for i in range(20000)]
     expected = {
         1: reference(repo / "lstm" / "1", "lstm", words[:40]),
         2: reference(prepared / "lstm" / "2", "lstm", words[:40]),
@@ -214,7 +222,12 @@ def test_charrnn_batch_over_a_stream_during_several_reloads(tmp_path: Path, mode
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
         )
         for version in (2, 3):
-            time.sleep(0.3)
+            # Each reload once the job has written more records (so it falls inside the job), bounded in time.
+            lines = output_lines(output)
+            deadline = time.monotonic() + DEADLINE_S
+            while output_lines(output) < lines + 200 and job.poll() is None:
+                assert time.monotonic() < deadline, "charrnn-batch made no progress"
+                time.sleep(0.01)
             (prepared / "lstm" / str(version)).rename(repo / "lstm" / str(version))
             hup(server)
         stdout, stderr = job.communicate(timeout=120)

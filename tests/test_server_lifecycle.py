@@ -412,7 +412,7 @@ def test_device_auto_reports_the_provider_it_runs_on(
             assert f"{name} [{kind}, {expected}]" in running.log()
         samples = metric_samples(running)
         for name in MODELS:
-            assert sample(samples, "charrnn_execution_provider", model=name, provider=expected) == 1.0
+            assert sample(samples, "charrnn_execution_provider", model=name, version="1", provider=expected) == 1.0
     finally:
         assert running.stop() == 0, running.log()
 
@@ -511,12 +511,12 @@ def test_prometheus_metrics(server: ServerProcess) -> None:
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     requests = "charrnn_requests_total"
-    assert delta(requests, method="Encode", model=model, code="OK") == 3
-    assert delta(requests, method="Encode", model=model, code="INVALID_ARGUMENT") == 1
-    assert delta(requests, method="Encode", model="", code="NOT_FOUND") == 1  # unknown names are not labels
+    assert delta(requests, method="Encode", model=model, version="1", code="OK") == 3
+    assert delta(requests, method="Encode", model=model, version="", code="INVALID_ARGUMENT") == 1
+    assert delta(requests, method="Encode", model="", version="", code="NOT_FOUND") == 1  # unknown names are not labels
     assert not any(dict(labels).get("model") == "unknown-model" for _, labels in after)
-    assert delta(requests, method="EncodeStream", model=model, code="OK") == 2
-    assert delta(requests, method="ListModels", model="", code="OK") == 1
+    assert delta(requests, method="EncodeStream", model=model, version="1", code="OK") == 2
+    assert delta(requests, method="ListModels", model="", version="", code="OK") == 1
     # Latency histograms: counts, sums and cumulative buckets ending at +Inf.
     assert delta("charrnn_request_seconds_count", method="Encode", model=model) == 4
     assert delta("charrnn_request_seconds_sum", method="Encode", model=model) > 0
@@ -537,7 +537,7 @@ def test_prometheus_metrics(server: ServerProcess) -> None:
     assert delta("charrnn_words_per_request_count", model=model) == 5
     assert delta("charrnn_words_per_request_sum", model=model) == 1 + 2 + 5 + 1 + 2
     for name in MODELS:
-        assert sample(after, "charrnn_execution_provider", model=name, provider=CPU) == 1.0
+        assert sample(after, "charrnn_execution_provider", model=name, version="1", provider=CPU) == 1.0
 
 
 # ---- the serving path does not need torch -------------------------------------------------------------------------
