@@ -1,6 +1,6 @@
 """charrnn: the command-line client of a charrnn-server (encode words, list models, check health).
 
-    charrnn [--target HOST:PORT] [--timeout S] encode --model NAME [--json] [WORD ...]
+    charrnn [--target HOST:PORT] [--timeout S] encode --model NAME [--version N] [--json] [WORD ...]
     charrnn [--target HOST:PORT] [--timeout S] models [--json]
     charrnn [--target HOST:PORT] [--timeout S] health [--service NAME]
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("--model", required=True, help="model name (see `charrnn models`)")
     encode.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    encode.add_argument("--version", type=int, default=0, metavar="N",
+                        help="encode with this loaded version of the model (default: the model's default version)")
     encode.add_argument("words", nargs="*", metavar="WORD", help="words to encode (default: one per line from stdin)")
 
     models = commands.add_parser("models", help="list the server's models", description="List the server's models.")
@@ -134,7 +136,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _encode(client: CharRnnClient, args: argparse.Namespace) -> int:
     words: list[str] = args.words if args.words else read_words(sys.stdin)
-    encodings = client.encode(args.model, words)
+    encodings = client.encode(args.model, words, version=args.version)
     if args.json:
         print(json.dumps({"model": args.model, "results": [encoding.to_json() for encoding in encodings]}))
     else:

@@ -112,6 +112,17 @@ def test_encode_json_equals_the_client_library(server: ServerProcess, client: Ch
 
 
 @e2e
+def test_encode_a_pinned_version(server: ServerProcess) -> None:
+    pinned = charrnn("encode", "--model", "lstm", "--version", "1", "--json", "hello", target=server.target)
+    assert pinned.returncode == 0, pinned.stderr
+    assert [record["version"] for record in json.loads(pinned.stdout)["results"]] == [1]
+    missing = charrnn("encode", "--model", "lstm", "--version", "9", "hello", target=server.target)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("charrnn: error: NOT_FOUND (VERSION_NOT_FOUND): "), missing.stderr
+    assert_no_traceback(missing)
+
+
+@e2e
 def test_encode_words_from_stdin(server: ServerProcess, client: CharRnnClient) -> None:
     result = charrnn("encode", "--model", "rnn", "--json", target=server.target, stdin="hel\nlo\nhello\n")
     assert result.returncode == 0, result.stderr

@@ -24,8 +24,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import CharRnnClient, CharRnnError, Encoding
 from clients.processes import ServerProcess
@@ -87,6 +89,34 @@ class Load:
         return [response[0].version for response in self.responses]
 
 
+class HealthWatch:
+    """Every status grpc.health.v1 Watch streams for the whole server, collected on a thread: a NOT_SERVING blip
+    during a reload would show here, however short."""
+
+    def __init__(self, target: str) -> None:
+        self.statuses: list[int] = []
+        self._channel = grpc.insecure_channel(target)
+        self._call = health_pb2_grpc.HealthStub(self._channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=DEADLINE_S
+        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for response in self._call:
+                self.statuses.append(response.status)
+        except grpc.RpcError:
+            pass  # cancelled by stop()
+
+    def stop(self) -> list[str]:
+        """Stop watching; the status names seen, in order."""
+        self._call.cancel()
+        self._thread.join(10)
+        self._channel.close()
+        return [health_pb2.HealthCheckResponse.ServingStatus.Name(status) for status in self.statuses]
+
+
 def repository_with(tmp_path: Path, model_repository: Path, *names: str) -> Path:
     repo = tmp_path / "repo"
     for name in names:
@@ -118,6 +148,7 @@ def test_export_and_sighup_under_load_swaps_exactly(tmp_path: Path, model_reposi
     try:
         load = Load(server.target, "rnn")
         load.wait_for(lambda: len(load.responses) >= 20, "responses from version 1")
+        health = HealthWatch(server.target)
         export_model(seeded_model(BUILTIN_SPECS["rnn"], seed=5), repo)  # the default: version 2
         expected[2] = reference(repo / "rnn" / "2", "rnn", WORDS)
         hup(server)
@@ -125,6 +156,7 @@ def test_export_and_sighup_under_load_swaps_exactly(tmp_path: Path, model_reposi
         seen = len(load.responses)
         load.wait_for(lambda: len(load.responses) >= seen + 20, "responses after the swap")
         load.stop()
+        assert health.stop() == ["SERVING"], "health left SERVING during the reload"
         assert load.errors == []
         versions = load.versions()
         first_new = versions.index(2)
@@ -247,3 +279,23 @@ def test_charrnn_batch_over_a_stream_during_several_reloads(tmp_path: Path, mode
             np.testing.assert_allclose(
                 np.asarray(record["outputs"]), expected[record["version"]][position], rtol=0, atol=1e-6
             )
+
+
+def test_poll_seconds_picks_up_a_new_version_without_a_signal(tmp_path: Path, model_repository: Path) -> None:
+    repo = repository_with(tmp_path, model_repository, "rnn")
+    server = start_server(repo, tmp_path, "--poll-seconds", "0.2")
+    try:
+        load = Load(server.target, "rnn")
+        load.wait_for(lambda: len(load.responses) >= 5, "responses from version 1")
+        export_model(seeded_model(BUILTIN_SPECS["rnn"], seed=6), repo)  # version 2; no SIGHUP
+        expected = reference(repo / "rnn" / "2", "rnn", WORDS)
+        load.wait_for(lambda: 2 in load.versions(), "the poll to load version 2")
+        load.stop()
+        assert load.errors == []
+        last = load.responses[-1]
+        assert {encoding.version for encoding in last} == {2}
+        for encoding, want in zip(last, expected, strict=True):
+            np.testing.assert_allclose(encoding.outputs, want, rtol=0, atol=1e-6)
+        assert "SIGHUP" not in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
