@@ -1,10 +1,11 @@
 """charrnn: the command-line client of a charrnn-server (encode words, list models, check health).
 
-    charrnn [--target HOST:PORT] [--timeout S] encode --model NAME [--json] [WORD ...]
+    charrnn [--target HOST:PORT] [--timeout S] [SECURITY] encode --model NAME [--json] [WORD ...]
     charrnn [--target HOST:PORT] [--timeout S] models [--json]
     charrnn [--target HOST:PORT] [--timeout S] health [--service NAME]
 
-The target defaults to $CHARRNN_TARGET, else 127.0.0.1:50051. `encode` without WORD arguments reads one word per
+SECURITY (before the command, like --target): --tls, --tls-ca PEM, --tls-cert PEM --tls-key PEM (mTLS),
+--token-file FILE (default: $CHARRNN_TOKEN). The target defaults to $CHARRNN_TARGET, else 127.0.0.1:50051. `encode` without WORD arguments reads one word per
 line from stdin (an empty line is an empty word, which the server rejects; the newline ending the last line is
 not a word; a trailing carriage return is dropped from each line).
 
@@ -34,6 +35,7 @@ import numpy.typing as npt
 
 from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding
 from clients.errors import is_request_error
+from clients.security import ClientSecurity, ClientSecurityError, add_arguments
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "CHARRNN_TARGET"
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
         help=f"seconds each RPC may take, retries included (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    add_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     encode = commands.add_parser(
@@ -178,9 +181,14 @@ def error_line(error: CharRnnError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        with CharRnnClient(args.target, timeout=args.timeout) as client:
+        security = ClientSecurity.from_args(args)
+    except ClientSecurityError as error:
+        parser.error(str(error))
+    try:
+        with CharRnnClient(args.target, timeout=args.timeout, security=security) as client:
             return _COMMANDS[args.command](client, args)
     except CharRnnError as error:
         print(error_line(error), file=sys.stderr)

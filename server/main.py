@@ -16,9 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 from export.manifest import ManifestError
 from server.config import ServerConfig, parse_config
+from server.core.admission import ByteBudget
 from server.core.engine import Engine, load_engine
 from server.core.runtime import DeviceUnavailableError
+from server.grpc.auth import TokenFileError
 from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
+from server.grpc.security import CredentialsError, ServerSecurity, is_loopback
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ class RunningServer:
     metrics_port: int | None
     reload_hooks: list[ReloadHook] = field(default_factory=list)
     """What SIGHUP re-reads, in order: the server's one reload signal (certificates, tokens, models)."""
+    stop_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run by stop() once the server has stopped (e.g. the certificate and token file watcher)."""
 
     async def reload(self) -> bool:
         """Run every reload hook; one that fails is logged and the others still run. True if all succeeded."""
@@ -59,17 +64,21 @@ class RunningServer:
         """Report NOT_SERVING, stop taking RPCs, let in-flight ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_seconds)
+        for hook in self.stop_hooks:
+            await hook()
         await self.engine.close()
 
 
 async def create_server(config: ServerConfig) -> RunningServer:
     """Bind the port, register the services, load every model, then report SERVING."""
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.aio.server(options=options)
+    metrics = Metrics()
+    # Certificates and tokens are read before anything listens: a bad file is a start-up error naming it.
+    security = ServerSecurity.load(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file, metrics)
+    if security.tokens is not None and security.certificates is None and not is_loopback(config.address):
+        logger.warning("bearer tokens over plaintext on %s: anyone on the path can read them "
+                       "(fine only if TLS ends in front of the server, e.g. at a mesh sidecar)", config.address)
+    # TLS and tokens are server-wide: every service registered on this server is behind them.
+    server = grpc.aio.server(options=config.grpc_options(), interceptors=security.interceptors)
     health_servicer = health.aio.HealthServicer()
     for name in (OVERALL, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -77,11 +86,10 @@ async def create_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    metrics = Metrics()
-    service = CharRnnService(metrics)
+    service = CharRnnService(metrics, ByteBudget(config.max_inflight_bytes))
     add_to_server(service, server)
     try:
-        port = server.add_insecure_port(f"{_host(config.address)}:{config.port}")
+        port = security.add_port(server, f"{_host(config.address)}:{config.port}")
     except RuntimeError as error:  # grpcio raises instead of returning 0 when the port is taken
         raise OSError(f"cannot listen on {config.address}:{config.port}: {error}") from error
     if port == 0:
@@ -106,20 +114,26 @@ async def create_server(config: ServerConfig) -> RunningServer:
     for name in (OVERALL, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
-        "serving %s on %s:%d (metrics %s, batching %s); models: %s",
-        SERVICE_NAME, config.address, port,
+        "serving %s on %s:%d (%s; metrics %s, batching %s); models: %s",
+        SERVICE_NAME, config.address, port, security.describe(),
         f"port {metrics_port}" if metrics_port is not None else "off",
         "on" if config.batching else "off",
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
     )
-    return RunningServer(server, port, health_servicer, engine, metrics, metrics_port)
+    running = RunningServer(server, port, health_servicer, engine, metrics, metrics_port)
+    running.reload_hooks.extend(security.reload_hooks)  # SIGHUP: certificates, then tokens
+    watcher = security.watcher(config.watch_interval_s)  # ... and the same hooks when their files change
+    watcher.start()
+    running.stop_hooks.append(watcher.stop)
+    return running
 
 
 def _serve_metrics(metrics: Metrics, config: ServerConfig) -> int:
+    address = config.metrics_address or config.address
     try:
-        return metrics.serve(config.metrics_port, config.address)
+        return metrics.serve(config.metrics_port, address)
     except OSError as error:
-        raise OSError(f"cannot serve metrics on {config.address}:{config.metrics_port}: {error}") from error
+        raise OSError(f"cannot serve metrics on {address}:{config.metrics_port}: {error}") from error
 
 
 def _host(address: str) -> str:
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(config))
-    except (ManifestError, DeviceUnavailableError, OSError) as error:
+    except (ManifestError, DeviceUnavailableError, OSError, CredentialsError, TokenFileError) as error:
         logger.error("cannot start: %s", error)
         print(f"charrnn-server: cannot start: {error}", file=sys.stderr)
         return 1
