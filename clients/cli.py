@@ -23,19 +23,24 @@ did not come from the server's handlers (unreachable server, client-side deadlin
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from collections.abc import Sequence
-from typing import TextIO
 
-import numpy as np
-import numpy.typing as npt
+# Before grpc loads: its core logs every failed TLS handshake at INFO on stderr, and the CLI's one error line
+# (clients.security.tls_failure) says it once, clearly. An explicit GRPC_VERBOSITY still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding
-from clients.errors import is_request_error
-from clients.security import ClientSecurity, ClientSecurityError, add_arguments
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import TextIO  # noqa: E402
+
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+
+from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding  # noqa: E402
+from clients.errors import is_request_error  # noqa: E402
+from clients.security import ClientSecurity, ClientSecurityError, add_arguments  # noqa: E402
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "CHARRNN_TARGET"
