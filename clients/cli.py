@@ -1,10 +1,11 @@
 """charrnn: the command-line client of a charrnn-server (encode words, list models, check health).
 
-    charrnn [--target HOST:PORT] [--timeout S] encode --model NAME [--version N] [--json] [WORD ...]
+    charrnn [--target HOST:PORT] [--timeout S] [SECURITY] encode --model NAME [--version N] [--json] [WORD ...]
     charrnn [--target HOST:PORT] [--timeout S] models [--json]
     charrnn [--target HOST:PORT] [--timeout S] health [--service NAME]
 
-The target defaults to $CHARRNN_TARGET, else 127.0.0.1:50051. `encode` without WORD arguments reads one word per
+SECURITY (before the command, like --target): --tls, --tls-ca PEM, --tls-cert PEM --tls-key PEM (mTLS),
+--token-file FILE (default: $CHARRNN_TOKEN). The target defaults to $CHARRNN_TARGET, else 127.0.0.1:50051. `encode` without WORD arguments reads one word per
 line from stdin (an empty line is an empty word, which the server rejects; the newline ending the last line is
 not a word; a trailing carriage return is dropped from each line).
 
@@ -22,18 +23,24 @@ did not come from the server's handlers (unreachable server, client-side deadlin
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from collections.abc import Sequence
-from typing import TextIO
 
-import numpy as np
-import numpy.typing as npt
+# Before grpc loads: its core logs every failed TLS handshake at INFO on stderr, and the CLI's one error line
+# (clients.security.tls_failure) says it once, clearly. An explicit GRPC_VERBOSITY still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding
-from clients.errors import is_request_error
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import TextIO  # noqa: E402
+
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+
+from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding  # noqa: E402
+from clients.errors import is_request_error  # noqa: E402
+from clients.security import ClientSecurity, ClientSecurityError, add_arguments  # noqa: E402
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "CHARRNN_TARGET"
@@ -61,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
         help=f"seconds each RPC may take, retries included (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    add_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     encode = commands.add_parser(
@@ -180,9 +188,14 @@ def error_line(error: CharRnnError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        with CharRnnClient(args.target, timeout=args.timeout) as client:
+        security = ClientSecurity.from_args(args)
+    except ClientSecurityError as error:
+        parser.error(str(error))
+    try:
+        with CharRnnClient(args.target, timeout=args.timeout, security=security) as client:
             return _COMMANDS[args.command](client, args)
     except CharRnnError as error:
         print(error_line(error), file=sys.stderr)

@@ -3,7 +3,8 @@
 CharRnnClient (blocking) and AsyncCharRnnClient (asyncio) are thin: each RPC is one line of I/O (`stub.X(...)`
 or `await stub.X(...)`) between request building and response parsing they share in _ClientCore. Callers see
 the library's own values (Encoding, State, ModelInfo, EncodeRequest) and errors (clients/errors.py), never
-protobuf messages or raw grpc errors.
+protobuf messages or raw grpc errors. `security=ClientSecurity.from_files(tls_ca=..., token_file=...)`
+(clients/security.py) connects with TLS, mTLS and a bearer token.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from clients.errors import (  # noqa: F401 - re-exported: the library's errors
     UnavailableError,
     error_from_rpc,
 )
+from clients.security import PLAINTEXT, ClientSecurity
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
@@ -283,9 +285,12 @@ class _ClientCore:
     """All the sync and asyncio clients share: the stubs, the default timeout, the model-shape cache, and turning
     the library's values into messages and back. No I/O here: the subclasses make the calls."""
 
-    def __init__(self, target: str, timeout: float, channel: grpc.Channel | grpc.aio.Channel) -> None:
+    def __init__(
+        self, target: str, timeout: float, channel: grpc.Channel | grpc.aio.Channel, security: ClientSecurity
+    ) -> None:
         self.target = target
         self.timeout = timeout
+        self.security = security
         self._channel = channel
         self._stub = pb_grpc.CharRnnStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -335,8 +340,12 @@ def _health_request(service: str) -> health_pb2.HealthCheckRequest:
 class CharRnnClient(_ClientCore):
     """Blocking client; use as a context manager. Every call takes a timeout overriding the default."""
 
-    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        super().__init__(target, timeout, grpc.insecure_channel(target, options=channel_options(max_message_bytes)))
+    def __init__(
+        self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
+        security: ClientSecurity = PLAINTEXT,
+    ) -> None:
+        channel = security.channel(target, channel_options(max_message_bytes))
+        super().__init__(target, timeout, channel, security)
 
     def __enter__(self) -> CharRnnClient:
         return self
@@ -371,7 +380,7 @@ class CharRnnClient(_ClientCore):
             for response in call:
                 yield parse_response(response)
         except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+            raise error_from_rpc(error, self.security.tls) from None
         finally:
             call.cancel()  # the caller stopped early: end the stream (a no-op once it has ended)
         feed.raise_error()
@@ -406,15 +415,18 @@ class CharRnnClient(_ClientCore):
         try:
             return method(request, timeout=self._deadline(timeout))
         except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+            raise error_from_rpc(error, self.security.tls) from None
 
 
 class AsyncCharRnnClient(_ClientCore):
     """asyncio client; use as an async context manager. Same calls and errors as CharRnnClient."""
 
-    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        options = channel_options(max_message_bytes)
-        super().__init__(target, timeout, grpc.aio.insecure_channel(target, options=options))
+    def __init__(
+        self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
+        security: ClientSecurity = PLAINTEXT,
+    ) -> None:
+        channel = security.aio_channel(target, channel_options(max_message_bytes))
+        super().__init__(target, timeout, channel, security)
 
     async def __aenter__(self) -> AsyncCharRnnClient:
         return self
@@ -453,7 +465,7 @@ class AsyncCharRnnClient(_ClientCore):
             async for response in call:
                 yield parse_response(response)
         except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+            raise error_from_rpc(error, self.security.tls) from None
         finally:
             call.cancel()  # the caller stopped early: end the stream (a no-op once it has ended)
         feed.raise_error()
@@ -491,7 +503,7 @@ class AsyncCharRnnClient(_ClientCore):
         try:
             return await method(request, timeout=self._deadline(timeout))
         except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+            raise error_from_rpc(error, self.security.tls) from None
 
 
 async def _aiter(items: Iterable[EncodeRequest] | AsyncIterable[EncodeRequest]) -> AsyncIterator[EncodeRequest]:

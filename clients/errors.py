@@ -16,10 +16,12 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from clients.security import definite_tls_failure, tls_failure
+
 ERROR_DOMAIN = "charrnn.v1"
 """ErrorInfo.domain the server uses (server/grpc/status.py); other domains' reasons are not ours to read."""
 
-RETRYABLE_REASONS = frozenset({"QUEUE_FULL", "MODELS_LOADING", "SHUTTING_DOWN"})
+RETRYABLE_REASONS = frozenset({"QUEUE_FULL", "REQUEST_BYTES_IN_FLIGHT", "MODELS_LOADING", "SHUTTING_DOWN"})
 """Server reasons after which the same request may succeed: later (queue full) or elsewhere (starting, draining)."""
 
 TRANSPORT_RETRYABLE_CODES = frozenset({
@@ -87,12 +89,17 @@ class DeadlineExceededError(CharRnnError):
     """DEADLINE_EXCEEDED: the call's timeout passed."""
 
 
+class UnauthenticatedError(CharRnnError):
+    """UNAUTHENTICATED: no bearer token, or one the server does not accept (--token-file, $CHARRNN_TOKEN)."""
+
+
 _ERRORS: dict[grpc.StatusCode, type[CharRnnError]] = {
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 
@@ -120,10 +127,13 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     return ErrorDetails(reason, metadata, retry_after_s)
 
 
-def error_from_rpc(error: grpc.RpcError) -> CharRnnError:
-    """The typed exception for a failed RPC, with the server's details."""
+def error_from_rpc(error: grpc.RpcError, tls: bool | None = None) -> CharRnnError:
+    """The typed exception for a failed RPC, with the server's details. Given whether the channel used TLS,
+    a connection failure that TLS explains reads as one line naming the likely cause instead."""
     code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
     details: str = error.details() or ""  # type: ignore[attr-defined]
+    if tls is not None and code == grpc.StatusCode.UNAVAILABLE:
+        details = tls_failure(details, tls) or details
     return _ERRORS.get(code, CharRnnError)(code, details, error_details(error))
 
 
@@ -136,7 +146,9 @@ def is_retryable(code: grpc.StatusCode, info: ErrorDetails) -> bool:
 
 
 def is_rpc_retryable(error: grpc.RpcError) -> bool:
-    """is_retryable() of a raw grpc error."""
+    """is_retryable() of a raw grpc error; a failed TLS handshake is not (retrying cannot fix a wrong CA)."""
+    if definite_tls_failure(error.details() or "") is not None:  # type: ignore[attr-defined]
+        return False
     return is_retryable(error.code(), error_details(error))  # type: ignore[attr-defined]
 
 

@@ -59,6 +59,54 @@ class ServerConfig:
     """Versions of each model kept loaded (the newest that load); requests without a version get the highest."""
     poll_seconds: float = 0.0
     """Rescan the repository this often, as SIGHUP does; 0 never polls."""
+    metrics_address: str | None = None
+    """Interface of the /metrics HTTP server; None: the gRPC address."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: serve TLS on the gRPC port (with tls_key)."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: require client certificates signed by it (mTLS); needs tls_cert."""
+    auth_token_file: Path | None = None
+    """Bearer tokens, one `NAME TOKEN` per line; every service but grpc.health.v1 then needs one."""
+    watch_interval_s: float = 1.0
+    """How often certificate and token files are checked for changes; 0: only SIGHUP reloads them."""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    """Request bytes being decoded or queued at once, over all calls; beyond it RESOURCE_EXHAUSTED (retryable)."""
+    max_concurrent_streams: int = 128
+    """Concurrent RPCs per HTTP/2 connection."""
+    keepalive_min_ping_interval_s: float = 10.0
+    """Clients pinging more often than this (without data) get GOAWAY after two strikes."""
+    max_connection_idle_s: float = 600.0
+    """Close a connection with no RPC for this long; 0: never."""
+    max_connection_age_s: float = 0.0
+    """Close (GOAWAY) connections older than this, so clients reconnect and rebalance; 0: never."""
+    max_connection_age_grace_s: float = 30.0
+    """After max_connection_age, how long RPCs in flight get to finish."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port serves TLS."""
+        return self.tls_cert is not None
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The grpc server's channel arguments: message sizes, streams per connection, keepalive enforcement,
+        connection idle and age limits (in grpc's milliseconds)."""
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.keepalive_min_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.keepalive_permit_without_calls", 0),
+        ]
+        if self.max_connection_idle_s > 0:
+            options.append(("grpc.max_connection_idle_ms", _ms(self.max_connection_idle_s)))
+        if self.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", _ms(self.max_connection_age_s)))
+            options.append(("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace_s)))
+        return options
 
     def limits(self) -> Limits:
         """What one request may ask for."""
@@ -79,6 +127,10 @@ class ServerConfig:
         return EngineSettings(
             self.device, self.run_threads, self.limits(), self.batch_settings(), keep_versions=self.keep_versions
         )
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 DEFAULTS = ServerConfig()
@@ -148,6 +200,39 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
              "highest (env CHARRNN_KEEP_VERSIONS)")
     add("--poll-seconds", type=float, default=_env(env, "CHARRNN_POLL_SECONDS", DEFAULTS.poll_seconds),
         help="rescan the repository this often, as SIGHUP does; 0 never polls (env CHARRNN_POLL_SECONDS)")
+    add("--metrics-address", default=_env(env, "CHARRNN_METRICS_ADDRESS", DEFAULTS.metrics_address),
+        help="interface of the /metrics HTTP server; default: --address (env CHARRNN_METRICS_ADDRESS)")
+    add("--tls-cert", type=Path, default=_env(env, "CHARRNN_TLS_CERT", DEFAULTS.tls_cert),
+        help="PEM certificate chain: serve TLS on the gRPC port; needs --tls-key (env CHARRNN_TLS_CERT)")
+    add("--tls-key", type=Path, default=_env(env, "CHARRNN_TLS_KEY", DEFAULTS.tls_key),
+        help="PEM private key of --tls-cert (env CHARRNN_TLS_KEY)")
+    add("--tls-client-ca", type=Path, default=_env(env, "CHARRNN_TLS_CLIENT_CA", DEFAULTS.tls_client_ca),
+        help="PEM CA: require client certificates it signed (mTLS) (env CHARRNN_TLS_CLIENT_CA)")
+    add("--auth-token-file", type=Path, default=_env(env, "CHARRNN_AUTH_TOKEN_FILE", DEFAULTS.auth_token_file),
+        help="bearer tokens, one `NAME TOKEN` per line (# comments); every service but grpc.health.v1 then "
+             "requires `authorization: Bearer TOKEN` (env CHARRNN_AUTH_TOKEN_FILE)")
+    add("--watch-interval-s", type=float, default=_env(env, "CHARRNN_WATCH_INTERVAL_S", DEFAULTS.watch_interval_s),
+        help="seconds between checks of the certificate and token files for changes; 0: reload on SIGHUP only "
+             "(env CHARRNN_WATCH_INTERVAL_S)")
+    add("--max-inflight-bytes", type=int, default=_env(env, "CHARRNN_MAX_INFLIGHT_BYTES", DEFAULTS.max_inflight_bytes),
+        help="request bytes being decoded or queued at once over all calls; beyond it RESOURCE_EXHAUSTED "
+             "(REQUEST_BYTES_IN_FLIGHT, retryable); at least --max-message-bytes (env CHARRNN_MAX_INFLIGHT_BYTES)")
+    add("--max-concurrent-streams", type=int,
+        default=_env(env, "CHARRNN_MAX_CONCURRENT_STREAMS", DEFAULTS.max_concurrent_streams),
+        help="concurrent RPCs per HTTP/2 connection (env CHARRNN_MAX_CONCURRENT_STREAMS)")
+    add("--keepalive-min-ping-interval-s", type=float,
+        default=_env(env, "CHARRNN_KEEPALIVE_MIN_PING_INTERVAL_S", DEFAULTS.keepalive_min_ping_interval_s),
+        help="clients pinging more often than this without data get GOAWAY (env CHARRNN_KEEPALIVE_MIN_PING_INTERVAL_S)")
+    add("--max-connection-idle-s", type=float,
+        default=_env(env, "CHARRNN_MAX_CONNECTION_IDLE_S", DEFAULTS.max_connection_idle_s),
+        help="close connections idle this long; 0: never (env CHARRNN_MAX_CONNECTION_IDLE_S)")
+    add("--max-connection-age-s", type=float,
+        default=_env(env, "CHARRNN_MAX_CONNECTION_AGE_S", DEFAULTS.max_connection_age_s),
+        help="send GOAWAY to connections older than this so clients reconnect (and rebalance over replicas); "
+             "0: never (env CHARRNN_MAX_CONNECTION_AGE_S)")
+    add("--max-connection-age-grace-s", type=float,
+        default=_env(env, "CHARRNN_MAX_CONNECTION_AGE_GRACE_S", DEFAULTS.max_connection_age_grace_s),
+        help="time RPCs in flight get after --max-connection-age-s (env CHARRNN_MAX_CONNECTION_AGE_GRACE_S)")
     return parser
 
 
@@ -165,9 +250,19 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         parser.error(f"--log-level / CHARRNN_LOG_LEVEL: unknown level {args.log_level!r}")
     for name in ("max_words", "max_word_length", "max_message_bytes", "max_batch_words", "max_queue_words",
-                 "run_threads", "keep_versions"):
+                 "run_threads", "keep_versions", "max_concurrent_streams"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0:
         parser.error("--grace-seconds, --max-queue-delay-ms and --poll-seconds cannot be negative")
+    for name in ("watch_interval_s", "keepalive_min_ping_interval_s", "max_connection_idle_s",
+                 "max_connection_age_s", "max_connection_age_grace_s"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} cannot be negative")
+    if args.max_inflight_bytes < args.max_message_bytes:
+        parser.error("--max-inflight-bytes must be at least --max-message-bytes (else the largest message never fits)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together: give both or neither")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
     return ServerConfig(**vars(args))

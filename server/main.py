@@ -16,10 +16,13 @@ from grpc_reflection.v1alpha import reflection
 
 from export.manifest import ManifestError
 from server.config import ServerConfig, parse_config
+from server.core.admission import ByteBudget
 from server.core.engine import Engine, load_engine
 from server.core.repository import RepositoryWatcher
 from server.core.runtime import DeviceUnavailableError
+from server.grpc.auth import TokenFileError
 from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
+from server.grpc.security import CredentialsError, ServerSecurity, is_loopback
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class RunningServer:
     """What SIGHUP re-reads, in order: the server's one reload signal (certificates, tokens, models)."""
     rescan_repository: ReloadHook | None = None
     """The model-repository hook alone (one of reload_hooks): what --poll-seconds runs."""
+    stop_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run by stop() once the server has stopped (e.g. the certificate and token file watcher)."""
 
     async def reload(self) -> bool:
         """Run every reload hook; one that fails is logged and the others still run. True if all succeeded."""
@@ -62,17 +67,21 @@ class RunningServer:
         """Report NOT_SERVING, stop taking RPCs, let in-flight ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_seconds)
+        for hook in self.stop_hooks:
+            await hook()
         await self.engine.close()
 
 
 async def create_server(config: ServerConfig) -> RunningServer:
     """Bind the port, register the services, load every model, then report SERVING."""
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.aio.server(options=options)
+    metrics = Metrics()
+    # Certificates and tokens are read before anything listens: a bad file is a start-up error naming it.
+    security = ServerSecurity.load(config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file, metrics)
+    if security.tokens is not None and security.certificates is None and not is_loopback(config.address):
+        logger.warning("bearer tokens over plaintext on %s: anyone on the path can read them "
+                       "(fine only if TLS ends in front of the server, e.g. at a mesh sidecar)", config.address)
+    # TLS and tokens are server-wide: every service registered on this server is behind them.
+    server = grpc.aio.server(options=config.grpc_options(), interceptors=security.interceptors)
     health_servicer = health.aio.HealthServicer()
     for name in (OVERALL, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -80,11 +89,10 @@ async def create_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    metrics = Metrics()
-    service = CharRnnService(metrics)
+    service = CharRnnService(metrics, ByteBudget(config.max_inflight_bytes))
     add_to_server(service, server)
     try:
-        port = server.add_insecure_port(f"{_host(config.address)}:{config.port}")
+        port = security.add_port(server, f"{_host(config.address)}:{config.port}")
     except RuntimeError as error:  # grpcio raises instead of returning 0 when the port is taken
         raise OSError(f"cannot listen on {config.address}:{config.port}: {error}") from error
     if port == 0:
@@ -104,26 +112,35 @@ async def create_server(config: ServerConfig) -> RunningServer:
         raise
     service.attach(engine)
     models = engine.models
-    watcher = RepositoryWatcher(config.repository, engine, config.engine_settings(), metrics.model_load_failed)
+    repository_watcher = RepositoryWatcher(
+        config.repository, engine, config.engine_settings(), metrics.model_load_failed
+    )
     _show_versions(metrics, engine)
 
     async def rescan_repository() -> None:
         """The model repository (server/core/repository.py): load new versions, swap defaults, unload removed."""
         try:
-            await watcher.rescan()
+            await repository_watcher.rescan()
         finally:
             _show_versions(metrics, engine)
 
     for name in (OVERALL, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
-        "serving %s on %s:%d (metrics %s, batching %s); models: %s",
-        SERVICE_NAME, config.address, port,
+        "serving %s on %s:%d (%s; metrics %s, batching %s); models: %s",
+        SERVICE_NAME, config.address, port, security.describe(),
         f"port {metrics_port}" if metrics_port is not None else "off",
         "on" if config.batching else "off",
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
     )
-    return RunningServer(server, port, health_servicer, engine, metrics, metrics_port, [rescan_repository], rescan_repository)
+    running = RunningServer(server, port, health_servicer, engine, metrics, metrics_port)
+    running.reload_hooks.append(rescan_repository)  # SIGHUP: the model repository,
+    running.rescan_repository = rescan_repository  # (alone, what --poll-seconds runs)
+    running.reload_hooks.extend(security.reload_hooks)  # then certificates, then tokens
+    file_watcher = security.watcher(config.watch_interval_s)  # ... those two also when their files change
+    file_watcher.start()
+    running.stop_hooks.append(file_watcher.stop)
+    return running
 
 
 def _show_versions(metrics: Metrics, engine: Engine) -> None:
@@ -134,10 +151,11 @@ def _show_versions(metrics: Metrics, engine: Engine) -> None:
 
 
 def _serve_metrics(metrics: Metrics, config: ServerConfig) -> int:
+    address = config.metrics_address or config.address
     try:
-        return metrics.serve(config.metrics_port, config.address)
+        return metrics.serve(config.metrics_port, address)
     except OSError as error:
-        raise OSError(f"cannot serve metrics on {config.address}:{config.metrics_port}: {error}") from error
+        raise OSError(f"cannot serve metrics on {address}:{config.metrics_port}: {error}") from error
 
 
 def _host(address: str) -> str:
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(config))
-    except (ManifestError, DeviceUnavailableError, OSError) as error:
+    except (ManifestError, DeviceUnavailableError, OSError, CredentialsError, TokenFileError) as error:
         logger.error("cannot start: %s", error)
         print(f"charrnn-server: cannot start: {error}", file=sys.stderr)
         return 1

@@ -44,6 +44,11 @@ class Metrics:
             "charrnn_batch_words", "Words in one onnxruntime run (after dynamic batching).",
             ["model"], buckets=_WORD_BUCKETS, registry=self.registry,
         )
+        self.client_requests = Counter(
+            "charrnn_client_requests", "RPCs by authenticated client name (with --auth-token-file), and those "
+            "denied for a missing or wrong token (client \"\"). Names only, never tokens.",
+            ["client", "result"], registry=self.registry,
+        )
         self.provider = Gauge(
             "charrnn_execution_provider",
             "1 for the onnxruntime execution provider actually running each loaded model version.",

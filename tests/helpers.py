@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.processes import ServerProcess, spawn
+from clients.security import PLAINTEXT, ClientSecurity
 
 LARGE_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + "0123-"
 """57 letters: the alphabet of the checkpoint-imported LSTM(57, 64, num_layers=2)."""
@@ -43,16 +44,18 @@ def console_script(name: str) -> str:
 
 
 def start_server(
-    repository: Path, tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    repository: Path, tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+    security: ClientSecurity = PLAINTEXT,
 ) -> ServerProcess:
-    """Start charrnn-server in a subprocess and wait until its health service reports SERVING."""
+    """Start charrnn-server in a subprocess and wait until its health service reports SERVING (checked over
+    `security`: TLS for a TLS server; health needs no token)."""
     port_file = tmp_path / f"ports-{time.monotonic_ns()}.json"
     command = [
         console_script("charrnn-server"), "--repository", str(repository), "--address", "127.0.0.1",
         "--port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra_args,
     ]
     server = spawn("charrnn-server", command, port_file, port_file.with_suffix(".log"), timeout, env)
-    with grpc.insecure_channel(server.target) as channel:
+    with security.channel(server.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
     assert status.status == health_pb2.HealthCheckResponse.SERVING, status
     return server

@@ -144,7 +144,7 @@ CASES: list[tuple[str, pb.EncodeRequest, grpc.StatusCode, str]] = [
         "word_over_default_limit",
         pb.EncodeRequest(model="rnn", words=["h" * 257]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"word 0 '{'h' * 64}'... (257 characters): the word has 257 characters, more than the limit of 256",
+        f"word 0 '{'h' * 40}…' (257 characters): the word has 257 characters, more than the limit of 256",
     ),
     (
         "too_few_states",
@@ -356,7 +356,7 @@ def test_report_policy_returns_per_word_errors_and_exact_good_words(stub: pb_grp
     assert errors == {
         1: "word 1 '': the word is empty",
         2: "word 2 'hxl': character 'x' at position 1 is not in the model's alphabet 'helo'",
-        4: f"word 4 '{'h' * 64}'... (257 characters): the word has 257 characters, more than the limit of 256",
+        4: f"word 4 '{'h' * 40}…' (257 characters): the word has 257 characters, more than the limit of 256",
     }
     for index in errors:
         result = response.results[index]

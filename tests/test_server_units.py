@@ -224,7 +224,26 @@ FULL_ENV = {
     "CHARRNN_PORT_FILE": "/env/ports.json",
     "CHARRNN_KEEP_VERSIONS": "2",
     "CHARRNN_POLL_SECONDS": "30",
+    "CHARRNN_METRICS_ADDRESS": "10.0.0.2",
+    "CHARRNN_TLS_CERT": "/env/cert.pem",
+    "CHARRNN_TLS_KEY": "/env/key.pem",
+    "CHARRNN_TLS_CLIENT_CA": "/env/ca.pem",
+    "CHARRNN_AUTH_TOKEN_FILE": "/env/tokens",
+    "CHARRNN_WATCH_INTERVAL_S": "0",
+    "CHARRNN_MAX_INFLIGHT_BYTES": "99999",
+    "CHARRNN_MAX_CONCURRENT_STREAMS": "8",
+    "CHARRNN_KEEPALIVE_MIN_PING_INTERVAL_S": "3",
+    "CHARRNN_MAX_CONNECTION_IDLE_S": "0",
+    "CHARRNN_MAX_CONNECTION_AGE_S": "60",
+    "CHARRNN_MAX_CONNECTION_AGE_GRACE_S": "5",
 }
+
+ENV_SECURITY_AND_LIMITS = dict(
+    metrics_address="10.0.0.2", tls_cert=Path("/env/cert.pem"), tls_key=Path("/env/key.pem"),
+    tls_client_ca=Path("/env/ca.pem"), auth_token_file=Path("/env/tokens"), watch_interval_s=0.0,
+    max_inflight_bytes=99999, max_concurrent_streams=8, keepalive_min_ping_interval_s=3.0,
+    max_connection_idle_s=0.0, max_connection_age_s=60.0, max_connection_age_grace_s=5.0,
+)
 
 
 def test_every_setting_comes_from_its_environment_variable() -> None:
@@ -233,7 +252,7 @@ def test_every_setting_comes_from_its_environment_variable() -> None:
         repository=Path("/env/repo"), address="10.0.0.1", port=1111, device="cuda", grace_seconds=2.5,
         max_words=7, max_word_length=9, max_message_bytes=12345, metrics_port=-1, log_level="DEBUG",
         batching=False, max_batch_words=11, max_queue_delay_ms=1.5, max_queue_words=13, run_threads=4,
-        port_file=Path("/env/ports.json"), keep_versions=2, poll_seconds=30.0,
+        port_file=Path("/env/ports.json"), keep_versions=2, poll_seconds=30.0, **ENV_SECURITY_AND_LIMITS,
     )
 
 
@@ -244,13 +263,23 @@ def test_flags_win_over_the_environment() -> None:
         "--metrics-port", "0", "--log-level", "WARNING", "--batching", "--max-batch-words", "110",
         "--max-queue-delay-ms", "0", "--max-queue-words", "130",
         "--run-threads", "2", "--port-file", "/flag/ports.json", "--keep-versions", "4", "--poll-seconds", "0.5",
+        "--metrics-address", "127.0.0.2",
+        "--tls-cert", "/flag/cert.pem", "--tls-key", "/flag/key.pem", "--tls-client-ca", "/flag/ca.pem",
+        "--auth-token-file", "/flag/tokens", "--watch-interval-s", "2", "--max-inflight-bytes", "777777",
+        "--max-concurrent-streams", "16", "--keepalive-min-ping-interval-s", "30", "--max-connection-idle-s", "9",
+        "--max-connection-age-s", "0", "--max-connection-age-grace-s", "1",
     ]
     config = parse_config(flags, FULL_ENV)
     assert config == ServerConfig(
         repository=Path("/flag/repo"), address="127.0.0.1", port=2222, device="cpu", grace_seconds=0.5,
         max_words=70, max_word_length=90, max_message_bytes=54321, metrics_port=0, log_level="WARNING",
         batching=True, max_batch_words=110, max_queue_delay_ms=0.0, max_queue_words=130, run_threads=2,
-        port_file=Path("/flag/ports.json"), keep_versions=4, poll_seconds=0.5,
+        port_file=Path("/flag/ports.json"), keep_versions=4, poll_seconds=0.5, metrics_address="127.0.0.2",
+        tls_cert=Path("/flag/cert.pem"),
+        tls_key=Path("/flag/key.pem"), tls_client_ca=Path("/flag/ca.pem"), auth_token_file=Path("/flag/tokens"),
+        watch_interval_s=2.0, max_inflight_bytes=777777, max_concurrent_streams=16,
+        keepalive_min_ping_interval_s=30.0, max_connection_idle_s=9.0, max_connection_age_s=0.0,
+        max_connection_age_grace_s=1.0,
     )
 
 
@@ -292,6 +321,12 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
         (["--keep-versions", "0"], "--keep-versions must be at least 1"),
         (["--device", "gpu"], "invalid choice: 'gpu'"),
         (["--max-words", "many"], "invalid int value: 'many'"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-key", "k.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca (mTLS) needs --tls-cert"),
+        (["--max-inflight-bytes", "100"], "--max-inflight-bytes must be at least --max-message-bytes"),
+        (["--max-concurrent-streams", "0"], "--max-concurrent-streams must be at least 1"),
+        (["--max-connection-age-s", "-1"], "--max-connection-age-s cannot be negative"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -338,7 +373,7 @@ def test_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 
 def test_every_rpc_of_the_proto_is_registered_with_its_request_type() -> None:
     from proto.charrnn.v1 import charrnn_pb2
-    from server.grpc.charrnn_v1 import CharRnnService, method_handlers
+    from server.grpc.charrnn_v1 import REQUEST_TYPES, CharRnnService, method_handlers
     from server.metrics import Metrics
 
     handlers = method_handlers(CharRnnService(Metrics()))
@@ -349,5 +384,20 @@ def test_every_rpc_of_the_proto_is_registered_with_its_request_type() -> None:
         assert (handler.request_streaming, handler.response_streaming) == (
             method.client_streaming, method.server_streaming
         ), method.name
-        request_type = getattr(charrnn_pb2, method.input_type.name)
-        assert handler.request_deserializer == request_type.FromString, method.name
+        # Handlers take bytes and parse them themselves (malformed bytes get INVALID_ARGUMENT, not UNKNOWN).
+        assert handler.request_deserializer is None, method.name
+        assert REQUEST_TYPES[method.name] is getattr(charrnn_pb2, method.input_type.name), method.name
+
+
+def test_grpc_options_state_the_resource_bounds_in_grpcs_units() -> None:
+    options = dict(parse_config(["--max-concurrent-streams", "8", "--keepalive-min-ping-interval-s", "2.5",
+                                 "--max-connection-idle-s", "0", "--max-connection-age-s", "60",
+                                 "--max-connection-age-grace-s", "5", "--max-message-bytes", "1000"], {}).grpc_options())
+    assert options["grpc.max_concurrent_streams"] == 8
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 2500
+    assert options["grpc.http2.max_ping_strikes"] == 2
+    assert "grpc.max_connection_idle_ms" not in options  # 0: never
+    assert (options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]) == (60000, 5000)
+    assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 1000
+    defaults = dict(DEFAULTS.grpc_options())
+    assert defaults["grpc.max_connection_idle_ms"] == 600000 and "grpc.max_connection_age_ms" not in defaults

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import grpc
 
 from clients.batch.failures import FatalError
 from clients.batch.job import Job, Lane
@@ -28,6 +27,7 @@ from clients.batch.output import ResumePoint, scan_output
 from clients.batch.progress import PROG, Progress
 from clients.batch.records import FORMATS, Producer, Record, count_records, infer_format, read_records
 from clients.batch.targets import batch_channel_options, split_targets, streams_for
+from clients.security import ClientSecurity, ClientSecurityError, add_arguments
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-interval", type=float, default=10.0,
         help="seconds between progress lines when stderr is not a terminal (default %(default)s)")
     add("--quiet", action="store_true", help="no progress bar or lines; only the summary and errors")
+    add_arguments(parser)
     return parser
 
 
@@ -100,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not targets:
         parser.error("--target names no server")
     fmt = args.format or ("text" if args.input == "-" else infer_format(args.input))
+    try:
+        args.security = ClientSecurity.from_args(args)
+    except ClientSecurityError as error:
+        parser.error(str(error))
 
     outcome = _Outcome()
     started = time.monotonic()
@@ -186,7 +191,7 @@ async def _run_job(args: argparse.Namespace, targets: list[str], fmt: str, outco
             resume.lines, Record(resume.last_word) if resume.lines else None,
         )
         options = batch_channel_options()
-        channels = [grpc.aio.insecure_channel(target, options=options) for target in targets]
+        channels = [args.security.aio_channel(target, options) for target in targets]
         lanes = [
             Lane(job, target, channel, args.timeout, f"{target} stream {number + 1}")
             for target, channel in zip(targets, channels, strict=True)

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 import grpc
 
 from clients.bench import echo
+from clients.errors import error_from_rpc
 from clients.loadgen.config import LoadConfig
 from clients.loadgen.fanout import run_load
+from clients.security import ClientSecurity, ClientSecurityError, add_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--serve-echo", action="store_true",
         help="run the echo server (transport baseline, clients.bench.echo) instead of load")
     echo.add_arguments(parser, prefix="with --serve-echo: ")
+    add_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        security = ClientSecurity.from_args(args)
+    except ClientSecurityError as error:
+        parser.error(str(error))
     if args.serve_echo:
         echo.run(args.listen, args.port_file)
         return 0
@@ -68,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         echo_response_bytes=args.echo_response_bytes,
         timeout_s=args.timeout,
         seed=args.seed,
+        security=security,
     )
     try:
         result = run_load(config)
     except grpc.RpcError as error:
-        code, details = error.code(), error.details()  # type: ignore[attr-defined]
-        print(f"charrnn-loadgen: {args.target}: {code.name}: {details}", file=sys.stderr)
+        failure = error_from_rpc(error, security.tls)
+        print(f"charrnn-loadgen: {args.target}: {failure.code.name}: {failure.details}", file=sys.stderr)
         return 1
     except (ValueError, RuntimeError, TimeoutError) as error:
         print(f"charrnn-loadgen: {error}", file=sys.stderr)

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from clients.security import PLAINTEXT, ClientSecurity
+
 
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
@@ -28,6 +30,8 @@ class LoadConfig:
     echo_response_bytes: int = 0
     timeout_s: float = 120.0
     seed: int = 0
+    security: ClientSecurity = PLAINTEXT
+    """TLS and token (picklable: spawned load processes connect the same way)."""
 
     @property
     def mode(self) -> str:

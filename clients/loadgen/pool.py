@@ -7,10 +7,10 @@ parsed either: only the first of each worker is decoded and checked (check_respo
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
 from clients.client import build_request
+from clients.security import PLAINTEXT, ClientSecurity
 from proto.charrnn.v1 import charrnn_pb2 as pb
 
 ENCODE_METHOD = "/charrnn.v1.CharRnn/Encode"
@@ -21,9 +21,9 @@ DISTINCT_REQUESTS = 64
 POOL_WORD_BUDGET = 65536
 
 
-def fetch_alphabet(target: str, model: str, timeout_s: float = 10.0) -> str:
+def fetch_alphabet(target: str, model: str, timeout_s: float = 10.0, security: ClientSecurity = PLAINTEXT) -> str:
     """The model's alphabet, from GetModel."""
-    with grpc.insecure_channel(target) as channel:
+    with security.channel(target) as channel:
         get = channel.unary_unary(
             GET_MODEL_METHOD,
             request_serializer=pb.GetModelRequest.SerializeToString,

@@ -128,7 +128,7 @@ async def run_process(
 ) -> Partial:
     """Run config.concurrency workers on one channel in this process's event loop; what they measured."""
     run = Run(config, budget)
-    async with grpc.aio.insecure_channel(config.target, options=CHANNEL_OPTIONS) as channel:
+    async with config.security.aio_channel(config.target, CHANNEL_OPTIONS) as channel:
         await asyncio.wait_for(channel.channel_ready(), config.timeout_s)
         worker = _stream_worker if config.stream else _unary_worker
 

@@ -21,10 +21,16 @@ class Reason(StrEnum):
     WORD_NOT_IN_ALPHABET = "WORD_NOT_IN_ALPHABET"
     INVALID_STATE = "INVALID_STATE"
     INVALID_REQUEST = "INVALID_REQUEST"
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    """The request's bytes are not a valid message of the RPC's request type."""
     TOO_MANY_WORDS = "TOO_MANY_WORDS"
+    REQUEST_BYTES_IN_FLIGHT = "REQUEST_BYTES_IN_FLIGHT"
+    """Requests being decoded or queued already hold the server's byte budget; retry after a pause."""
     QUEUE_FULL = "QUEUE_FULL"
     MODELS_LOADING = "MODELS_LOADING"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    """No bearer token, or one the server does not know (the same reason for both)."""
     INTERNAL = "INTERNAL"
 
 
@@ -41,6 +47,8 @@ class ErrorKind(StrEnum):
     """The server is busy; the same request may succeed after a pause."""
     UNAVAILABLE = "unavailable"
     """The server cannot take work now (starting, draining); another replica or a later try may."""
+    UNAUTHENTICATED = "unauthenticated"
+    """The caller did not prove who it is (no token, or a wrong one)."""
     INTERNAL = "internal"
     """A bug: the details are in the server log only."""
 
@@ -82,15 +90,30 @@ class InvalidRequestError(ServiceError):
     reason = Reason.INVALID_REQUEST
 
 
-WORD_SHOWN_CHARS = 64
+class MalformedRequestError(InvalidRequestError):
+    """The request's bytes do not parse as the RPC's request message (random bytes, invalid UTF-8, ...)."""
+
+    reason = Reason.MALFORMED_REQUEST
+
+
+class UnauthenticatedError(ServiceError):
+    """The call carries no valid credentials; the message never says which part was wrong."""
+
+    kind = ErrorKind.UNAUTHENTICATED
+    reason = Reason.UNAUTHENTICATED
+
+
+WORD_SHOWN_CHARS = 40
 """How much of a bad word a message repeats: a 100,000-character word is named, not echoed."""
 
 
 def shown_word(word: str) -> str:
-    """The word as messages show it: repr(), cut to WORD_SHOWN_CHARS characters with its length said."""
+    """The word as messages show it: repr() (control and invisible characters escaped), cut to
+    WORD_SHOWN_CHARS characters with an ellipsis and its length said: 'hhhh…' (100000 characters)."""
     if len(word) <= WORD_SHOWN_CHARS:
         return repr(word)
-    return f"{word[:WORD_SHOWN_CHARS]!r}... ({len(word)} characters)"
+    quoted = repr(word[:WORD_SHOWN_CHARS])
+    return f"{quoted[:-1]}…{quoted[-1]} ({len(word)} characters)"
 
 
 class InvalidWordError(InvalidRequestError):
@@ -120,6 +143,12 @@ class OverloadedError(ServiceError):
     kind = ErrorKind.OVERLOADED
     reason = Reason.QUEUE_FULL
     retry_after_s = 0.05
+
+
+class TooManyBytesInFlightError(OverloadedError):
+    """Requests being decoded or queued hold the server-wide byte budget; the client should back off and retry."""
+
+    reason = Reason.REQUEST_BYTES_IN_FLIGHT
 
 
 class ShuttingDownError(ServiceError):

@@ -4,6 +4,11 @@ A thin translation: requests are read into core types (charrnn_v1_codec.initial_
 work, and responses are the wire bytes charrnn_v1_codec.encode_response() wrote. Encode and EncodeStream are
 registered (add_to_server) with a response serialiser that passes those bytes through, so a response is never
 parsed into a message and serialised again. Errors become statuses in status.py, counted here first.
+
+Requests arrive as raw bytes (no request deserialiser) and are parsed by the handler (_admit): bytes that do not
+parse get INVALID_ARGUMENT/MALFORMED_REQUEST naming the message type, on every RPC and every stream message,
+instead of gRPC's UNKNOWN naming a Python exception class. _admit also counts the bytes against the server's
+ByteBudget until the response is handed back.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from google.protobuf.message import DecodeError, Message
+
 from proto.charrnn.v1 import charrnn_pb2 as pb
+from server.core.admission import ByteBudget
 from server.core.engine import Engine, VersionState
-from server.core.errors import ModelsLoadingError, ServiceError
+from server.core.errors import MalformedRequestError, ModelsLoadingError, ServiceError
 from server.core.runtime import ModelRuntime
 from server.grpc.charrnn_v1_codec import encode_response, initial_state
 from server.grpc.status import abort, status_code
@@ -34,6 +42,7 @@ STREAM_PIPELINE_DEPTH = 4
 """Stream messages a stream may have in flight at once; beyond that the server stops reading (flow control)."""
 
 Response = TypeVar("Response")
+Request = TypeVar("Request", bound=Message)
 
 _ANSWERED_VERSION: contextvars.ContextVar[str] = contextvars.ContextVar("answered_version", default="")
 """The model version that answered the RPC being handled (each handler runs in its own task, so its own
@@ -53,8 +62,10 @@ class CharRnnService:
     handlers of method_handlers() (not add_CharRnnServicer_to_server's) know to send as they are.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, budget: ByteBudget | None = None) -> None:
         self.metrics = metrics
+        self.budget = budget if budget is not None else ByteBudget(1 << 62)
+        """Request bytes in flight, shared with the server's other front ends."""
         self._engine: Engine | None = None
         # Metric children by label values: labels() is a locked dict lookup per call, these are plain lookups.
         self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
@@ -71,22 +82,29 @@ class CharRnnService:
             raise ModelsLoadingError("the server is still loading its models; retry shortly")
         return self._engine
 
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def Encode(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Unary encode; bad words fail the request unless the request asks for REPORT. Returns the wire bytes."""
-        return await self._observed(
-            "Encode", request.model, context, lambda: self._encode(request, default_report=False)
-        )
+        try:
+            request = self._admit(pb.EncodeRequest, data)
+        except ServiceError as error:
+            return await self._observed("Encode", "", context, _raising(error))
+        try:
+            return await self._observed(
+                "Encode", request.model, context, lambda: self._encode(request, default_report=False)
+            )
+        finally:
+            self.budget.give(len(data))
 
     async def EncodeStream(
-        self, request_iterator: AsyncIterator[pb.EncodeRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """One response per request message, in order, with up to STREAM_PIPELINE_DEPTH messages in flight."""
         pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_PIPELINE_DEPTH)
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_message(request)))
+                async for data in request_iterator:
+                    await pending.put(asyncio.ensure_future(self._stream_message(data)))
             finally:
                 await pending.put(None)
 
@@ -110,30 +128,67 @@ class CharRnnService:
                 if leftover is not None:
                     leftover.cancel()
 
-    async def _stream_message(self, request: pb.EncodeRequest) -> bytes:
+    async def _stream_message(self, data: bytes) -> bytes:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        model = ""
         try:
+            request = self._admit(pb.EncodeRequest, data)  # taken here, so a task cancelled unstarted holds nothing
+        except ServiceError as error:
+            self._record("EncodeStream", model, status_code(error), started)
+            raise
+        try:
+            model = request.model
             return await self._encode(request, default_report=True)
         except BaseException as error:
             code = status_code(error)
             raise
         finally:
-            self._record("EncodeStream", request.model, code, started, _ANSWERED_VERSION.get())
+            self.budget.give(len(data))
+            self._record("EncodeStream", model, code, started, _ANSWERED_VERSION.get())
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Metadata of every loaded model, sorted by name."""
-        return await self._observed(
-            "ListModels", "", context,
-            _as_async(lambda: pb.ListModelsResponse(models=[self._metadata(m) for _, m in sorted(self.engine.models.items())])),
-        )
+        try:
+            self._admit(pb.ListModelsRequest, data)
+        except ServiceError as error:
+            return await self._observed("ListModels", "", context, _raising(error))
+        try:
+            return await self._observed(
+                "ListModels", "", context,
+                _as_async(lambda: pb.ListModelsResponse(
+                    models=[self._metadata(m) for _, m in sorted(self.engine.models.items())]
+                )),
+            )
+        finally:
+            self.budget.give(len(data))
 
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
+    async def GetModel(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
         """One model's metadata: its default version's, or the loaded version asked for."""
-        return await self._observed(
-            "GetModel", request.name, context,
-            _as_async(lambda: self._metadata(self.engine.model(request.name, request.version))),
-        )
+        try:
+            request = self._admit(pb.GetModelRequest, data)
+        except ServiceError as error:
+            return await self._observed("GetModel", "", context, _raising(error))
+        try:
+            return await self._observed(
+                "GetModel", request.name, context,
+                _as_async(lambda: self._metadata(self.engine.model(request.name, request.version))),
+            )
+        finally:
+            self.budget.give(len(data))
+
+    def _admit(self, message_type: type[Request], data: bytes) -> Request:
+        """Take the request's bytes from the budget and parse them; on MalformedRequestError (or a full budget)
+        nothing stays taken. The caller gives len(data) back once it has answered."""
+        self.budget.take(len(data))
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            self.budget.give(len(data))
+            raise MalformedRequestError(
+                f"request is not a valid {message_type.DESCRIPTOR.full_name}",
+                metadata={"message_type": message_type.DESCRIPTOR.full_name},
+            ) from None
 
     async def _observed(
         self,
@@ -241,29 +296,39 @@ def add_to_server(service: CharRnnService, server: grpc.aio.Server) -> None:
 
 
 def method_handlers(service: CharRnnService) -> dict[str, grpc.RpcMethodHandler]:
-    """Every charrnn.v1.CharRnn method's handler, by method name."""
+    """Every charrnn.v1.CharRnn method's handler, by method name. Requests reach the handlers as bytes (no
+    request deserialiser): each handler parses its own (CharRnnService._admit), so malformed bytes get a clear
+    status; REQUEST_TYPES says which message each one parses."""
     return {
-        "Encode": grpc.unary_unary_rpc_method_handler(
-            service.Encode, request_deserializer=pb.EncodeRequest.FromString, response_serializer=_wire_bytes
-        ),
-        "EncodeStream": grpc.stream_stream_rpc_method_handler(
-            service.EncodeStream, request_deserializer=pb.EncodeRequest.FromString, response_serializer=_wire_bytes
-        ),
+        "Encode": grpc.unary_unary_rpc_method_handler(service.Encode, response_serializer=_wire_bytes),
+        "EncodeStream": grpc.stream_stream_rpc_method_handler(service.EncodeStream, response_serializer=_wire_bytes),
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            service.ListModels,
-            request_deserializer=pb.ListModelsRequest.FromString,
-            response_serializer=pb.ListModelsResponse.SerializeToString,
+            service.ListModels, response_serializer=pb.ListModelsResponse.SerializeToString
         ),
         "GetModel": grpc.unary_unary_rpc_method_handler(
-            service.GetModel,
-            request_deserializer=pb.GetModelRequest.FromString,
-            response_serializer=pb.ModelMetadata.SerializeToString,
+            service.GetModel, response_serializer=pb.ModelMetadata.SerializeToString
         ),
     }
 
 
+REQUEST_TYPES: dict[str, type[Message]] = {
+    "Encode": pb.EncodeRequest,
+    "EncodeStream": pb.EncodeRequest,
+    "ListModels": pb.ListModelsRequest,
+    "GetModel": pb.GetModelRequest,
+}
+"""The request message each handler of method_handlers() parses from the bytes it is given."""
+
+
 def _wire_bytes(response: bytes) -> bytes:
     return response
+
+
+def _raising(error: ServiceError) -> Callable[[], Awaitable[Any]]:
+    async def call() -> Any:
+        raise error
+
+    return call
 
 
 def _as_async(function: Callable[[], Response]) -> Callable[[], Awaitable[Response]]:
