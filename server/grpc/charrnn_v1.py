@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -22,6 +22,7 @@ from server.core.engine import Engine
 from server.core.errors import ModelsLoadingError, ServiceError
 from server.core.runtime import ModelRuntime
 from server.grpc.charrnn_v1_codec import encode_response, initial_state
+from server.grpc.observed import RpcRecorder
 from server.grpc.status import abort, status_code
 from server.metrics import Metrics
 
@@ -45,9 +46,7 @@ class CharRnnService:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._engine: Engine | None = None
-        # Metric children by label values: labels() is a locked dict lookup per call, these are plain lookups.
-        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        self._model_children: dict[str, tuple[Any, Any]] = {}
+        self._recorder = RpcRecorder(metrics, lambda: None if self._engine is None else self._engine.models)
 
     def attach(self, engine: Engine) -> None:
         """Start answering with this engine (until then RPCs get UNAVAILABLE: models are loading)."""
@@ -108,7 +107,7 @@ class CharRnnService:
             code = status_code(error)
             raise
         finally:
-            self._record("EncodeStream", request.model, code, started)
+            self._recorder.record("EncodeStream", request.model, code, started)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Metadata of every loaded model, sorted by name."""
@@ -130,53 +129,8 @@ class CharRnnService:
         context: grpc.aio.ServicerContext,
         handler: Callable[[], Awaitable[Response]],
     ) -> Response:
-        """Run a handler, count it, time it, and turn errors into statuses (tracebacks go to the log only)."""
-        started = time.perf_counter()
-        try:
-            response = await handler()
-        except ServiceError as error:
-            code = status_code(error)
-            logger.debug("%s %s: %s %s %s", method, model, code.name, error.reason, error.message)
-            # Counted before the status leaves: a client reading /metrics right after sees its call.
-            self._record(method, model, code, started)
-            await abort(context, error)
-        except asyncio.CancelledError:
-            # grpc.aio cancels the handler both when the client cancels and when its deadline passes.
-            expired = context.time_remaining() is not None and context.time_remaining() <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            self._record(method, model, code, started)
-            raise
-        except Exception as error:
-            logger.exception("%s %s failed", method, model)
-            self._record(method, model, grpc.StatusCode.INTERNAL, started)
-            await abort(context, error)
-        else:
-            self._record(method, model, grpc.StatusCode.OK, started)
-            return response
-        raise AssertionError("unreachable: context.abort raises")
-
-    def _record(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
-        # Unknown names would grow the label set without bound.
-        label = model if self._engine is not None and model in self._engine.models else ""
-        key = (method, label, code.name)
-        children = self._request_children.get(key)
-        if children is None:
-            children = self._request_children[key] = (
-                self.metrics.requests.labels(method, label, code.name),
-                self.metrics.request_seconds.labels(method, label),
-            )
-        children[0].inc()
-        children[1].observe(time.perf_counter() - started)
-
-    def _per_model(self, model: str) -> tuple[Any, Any]:
-        """(words_per_request, queue_seconds) metric children of a loaded model."""
-        children = self._model_children.get(model)
-        if children is None:
-            children = self._model_children[model] = (
-                self.metrics.words_per_request.labels(model),
-                self.metrics.queue_seconds.labels(model),
-            )
-        return children
+        """Run a handler, count it, time it, and turn errors into statuses (server/grpc/observed.py)."""
+        return await self._recorder.observed(method, model, context, handler)
 
     async def _encode(self, request: pb.EncodeRequest, default_report: bool) -> bytes:
         started = time.perf_counter()
@@ -186,7 +140,7 @@ class CharRnnService:
             report = request.invalid_words == pb.INVALID_WORD_POLICY_REPORT
         states = [initial_state(state) for state in request.initial_states]
         rows = await self.engine.encode_rows(request.model, list(request.words), states, report_invalid=report)
-        words_per_request, queue_seconds = self._per_model(rows.model.name)
+        words_per_request, queue_seconds = self._recorder.per_model(rows.model.name)
         words_per_request.observe(len(request.words))
         if rows.stats is not None:
             queue_seconds.observe(rows.stats.queue_s)
