@@ -18,12 +18,15 @@ from export.manifest import ManifestError
 from server.config import ServerConfig, parse_config
 from server.core.engine import Engine, load_engine
 from server.core.runtime import DeviceUnavailableError
+from server.grpc import kserve_v2
 from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 OVERALL = ""  # the health service's name for the server as a whole
+SERVICES = (SERVICE_NAME, kserve_v2.SERVICE_NAME)
+"""The front ends on the one port (charrnn.v1 and the Open Inference Protocol), each with a health status."""
 
 ReloadHook = Callable[[], Awaitable[None]]
 """Re-reads one kind of state (certificates, tokens, the model repository) on SIGHUP; raises if it cannot,
@@ -71,15 +74,17 @@ async def create_server(config: ServerConfig) -> RunningServer:
     ]
     server = grpc.aio.server(options=options)
     health_servicer = health.aio.HealthServicer()
-    for name in (OVERALL, SERVICE_NAME):
+    for name in (OVERALL, *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     metrics = Metrics()
     service = CharRnnService(metrics)
     add_to_server(service, server)
+    v2_service = kserve_v2.KServeV2Service(metrics, health_servicer, config.batch_settings())
+    kserve_v2.add_to_server(v2_service, server)
     try:
         port = server.add_insecure_port(f"{_host(config.address)}:{config.port}")
     except RuntimeError as error:  # grpcio raises instead of returning 0 when the port is taken
@@ -100,14 +105,15 @@ async def create_server(config: ServerConfig) -> RunningServer:
             await engine.close()
         raise
     service.attach(engine)
+    v2_service.attach(engine)
     models = engine.models
     for model in models.values():
         metrics.provider.labels(model.name, model.provider).set(1)
-    for name in (OVERALL, SERVICE_NAME):
+    for name in (OVERALL, *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
         "serving %s on %s:%d (metrics %s, batching %s); models: %s",
-        SERVICE_NAME, config.address, port,
+        " and ".join(SERVICES), config.address, port,
         f"port {metrics_port}" if metrics_port is not None else "off",
         "on" if config.batching else "off",
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
