@@ -21,6 +21,7 @@ from server.core.engine import Engine, load_engine
 from server.core.repository import RepositoryWatcher
 from server.core.runtime import DeviceUnavailableError
 from server.grpc.auth import TokenFileError
+from server.grpc import kserve_v2
 from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
 from server.grpc.security import CredentialsError, ServerSecurity, is_loopback
 from server.metrics import Metrics
@@ -28,6 +29,8 @@ from server.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 OVERALL = ""  # the health service's name for the server as a whole
+SERVICES = (SERVICE_NAME, kserve_v2.SERVICE_NAME)
+"""The front ends on the one port (charrnn.v1 and the Open Inference Protocol), each with a health status."""
 
 ReloadHook = Callable[[], Awaitable[None]]
 """Re-reads one kind of state (certificates, tokens, the model repository) on SIGHUP; raises if it cannot,
@@ -83,14 +86,17 @@ async def create_server(config: ServerConfig) -> RunningServer:
     # TLS and tokens are server-wide: every service registered on this server is behind them.
     server = grpc.aio.server(options=config.grpc_options(), interceptors=security.interceptors)
     health_servicer = health.aio.HealthServicer()
-    for name in (OVERALL, SERVICE_NAME):
+    for name in (OVERALL, *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    service = CharRnnService(metrics, ByteBudget(config.max_inflight_bytes))
+    budget = ByteBudget(config.max_inflight_bytes)  # one budget over every front end
+    service = CharRnnService(metrics, budget)
     add_to_server(service, server)
+    v2_service = kserve_v2.KServeV2Service(metrics, health_servicer, config.batch_settings(), budget)
+    kserve_v2.add_to_server(v2_service, server)
     try:
         port = security.add_port(server, f"{_host(config.address)}:{config.port}")
     except RuntimeError as error:  # grpcio raises instead of returning 0 when the port is taken
@@ -111,6 +117,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
             await engine.close()
         raise
     service.attach(engine)
+    v2_service.attach(engine)
     models = engine.models
     repository_watcher = RepositoryWatcher(
         config.repository, engine, config.engine_settings(), metrics.model_load_failed
@@ -124,11 +131,11 @@ async def create_server(config: ServerConfig) -> RunningServer:
         finally:
             _show_versions(metrics, engine)
 
-    for name in (OVERALL, SERVICE_NAME):
+    for name in (OVERALL, *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
         "serving %s on %s:%d (%s; metrics %s, batching %s); models: %s",
-        SERVICE_NAME, config.address, port, security.describe(),
+        " and ".join(SERVICES), config.address, port, security.describe(),
         f"port {metrics_port}" if metrics_port is not None else "off",
         "on" if config.batching else "off",
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),

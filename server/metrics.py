@@ -3,13 +3,20 @@ provider and version lifecycle.
 
 Counters and gauges carry the model's version; the histograms stay per model (each histogram series is a
 dozen-odd buckets, so a version label would multiply them by every version ever served).
+
+They are also the source of the Open Inference Protocol's ModelStatistics: model_counts() reads one model's
+totals back from the same registry, so /metrics and ModelStatistics can never disagree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+INFERENCE_METHODS = ("Encode", "EncodeStream", "ModelInfer", "ModelStreamInfer")
+"""The RPCs (method label) that run a model, in both protocols: what a model's request counts add up."""
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _WORD_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -62,11 +69,49 @@ class Metrics:
             "charrnn_model_load_failures", "Model versions refused while reloading (bad sha256, broken ONNX, ...).",
             ["model", "version"], registry=self.registry,
         )
+        self.last_run = Gauge(
+            "charrnn_last_run_timestamp_seconds", "Unix time at which each model's last onnxruntime run ended.",
+            ["model"], registry=self.registry,
+        )
 
     def observe_run(self, model: str, words: int, seconds: float) -> None:
         """Record one onnxruntime run."""
         self.inference_seconds.labels(model).observe(seconds)
         self.batch_words.labels(model).observe(words)
+        self.last_run.labels(model).set_to_current_time()
+
+    def model_counts(self, model: str) -> ModelCounts:
+        """One model's totals since start-up, read back from the metrics (not kept twice)."""
+        ok = failed = 0
+        request_seconds = 0.0
+        for family in self.registry.collect():
+            if family.name not in ("charrnn_requests", "charrnn_request_seconds"):
+                continue
+            for sample in family.samples:
+                if sample.labels.get("model") != model or sample.labels.get("method") not in INFERENCE_METHODS:
+                    continue
+                if sample.name == "charrnn_requests_total":
+                    if sample.labels["code"] == "OK":
+                        ok += int(sample.value)
+                    else:
+                        failed += int(sample.value)
+                elif sample.name == "charrnn_request_seconds_sum":
+                    request_seconds += sample.value
+
+        def value(name: str) -> float:
+            return self.registry.get_sample_value(name, {"model": model}) or 0.0
+
+        return ModelCounts(
+            requests_ok=ok,
+            requests_failed=failed,
+            request_seconds=request_seconds,
+            queued=int(value("charrnn_queue_wait_seconds_count")),
+            queue_seconds=value("charrnn_queue_wait_seconds_sum"),
+            runs=int(value("charrnn_inference_seconds_count")),
+            run_seconds=value("charrnn_inference_seconds_sum"),
+            words_run=int(value("charrnn_batch_words_sum")),
+            last_run_unix_s=value("charrnn_last_run_timestamp_seconds"),
+        )
 
     def show_versions(self, providers: Mapping[str, Mapping[int, str]], defaults: Mapping[str, int]) -> None:
         """Replace the loaded-version gauges: each model's loaded versions with their provider, and its default
@@ -87,3 +132,27 @@ class Metrics:
         """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         return int(server.server_address[1])
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCounts:
+    """One model's totals since start-up, both protocols together (Metrics.model_counts)."""
+
+    requests_ok: int
+    """Inference RPCs (INFERENCE_METHODS; a stream counts per message) answered OK."""
+    requests_failed: int
+    """Inference RPCs answered with an error (for a loaded model; unknown names are not counted per model)."""
+    request_seconds: float
+    """Server time of those RPCs, OK and failed together (charrnn_request_seconds has no code label)."""
+    queued: int
+    """Requests that waited for a batch (charrnn_queue_wait_seconds_count)."""
+    queue_seconds: float
+    """Their total wait."""
+    runs: int
+    """onnxruntime runs (batches)."""
+    run_seconds: float
+    """Their total time in onnxruntime."""
+    words_run: int
+    """Words those runs encoded."""
+    last_run_unix_s: float
+    """When the last run ended (0.0 before the first)."""

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -298,3 +299,61 @@ def in_process(unit_repository: Path) -> Iterator[InProcessServer]:
     server = InProcessServer(unit_repository)
     yield server
     server.stop()
+
+
+# ---- the Open Inference Protocol front end is behind the same TLS and tokens ------------------------------------
+
+
+def v2_words(words: list[str]) -> Any:
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    tensor = triton.InferInput("WORDS", [len(words)], "BYTES")
+    tensor.set_data_from_numpy(np.array(words, dtype=np.object_))
+    return tensor
+
+
+def test_v2_needs_the_same_token_and_its_readiness_probe_is_not_exempt(
+    token_server: tuple[InProcessServer, Path],
+) -> None:
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    server, _ = token_server
+    client = triton.InferenceServerClient(server.target)
+    try:
+        for call in (lambda: client.infer("lstm", [v2_words(["hello"])]),
+                     lambda: client.infer("lstm", [v2_words(["hello"])], headers={"authorization": "Bearer nope"}),
+                     lambda: client.is_server_ready()):
+            with pytest.raises(InferenceServerException) as raised:
+                call()
+            assert raised.value.status() == "StatusCode.UNAUTHENTICATED"
+        result = client.infer("lstm", [v2_words(["hello"])], headers={"authorization": "Bearer secret-bob-1"})
+        with CharRnnClient(server.target, security=with_token("secret-alice-1")) as charrnn:
+            expected = charrnn.encode("lstm", ["hello"])[0]
+        assert result.as_numpy("HIDDEN")[0].tolist() == expected.hidden.tolist()
+    finally:
+        client.close()
+
+
+def test_v2_over_tls(pki: dict[str, Path], unit_repository: Path) -> None:
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    server = serve(unit_repository, "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]))
+    try:
+        secure = triton.InferenceServerClient(server.target, ssl=True, root_certificates=str(pki["ca"]))
+        try:
+            assert secure.is_server_ready()
+            assert secure.infer("rnn", [v2_words(["he", "hello"])]).as_numpy("LENGTHS").tolist() == [2, 5]
+        finally:
+            secure.close()
+        plaintext = triton.InferenceServerClient(server.target)
+        try:
+            with pytest.raises(InferenceServerException) as raised:
+                plaintext.is_server_ready(client_timeout=5)
+            assert raised.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+        finally:
+            plaintext.close()
+    finally:
+        server.stop()

@@ -37,6 +37,7 @@ from pathlib import Path
 from clients.bench.cells import run_cells, run_target_repeats, run_tuning
 from clients.bench.environment import export_repository, machine_info
 from clients.bench.inprocess import measure_handler, measure_inprocess
+from clients.bench.perf_analyzer import section_of, with_section
 from clients.bench.plan import FULL, LARGE_MODEL, MAIN_MODEL, QUICK, Plan, Report, log
 from clients.bench.report import fmt, render
 from clients.bench.servers import RssSampler, hwm_mib, providers_of, rss_mib, start_servers
@@ -128,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.elapsed_s = time.monotonic() - started
     checks = evaluate(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(report, checks))
+    # The perf_analyzer section is another generator's (clients.bench.perf_analyzer): kept as it was.
+    kept = section_of(args.out.read_text()) if args.out.exists() else None
+    text = render(report, checks)
+    args.out.write_text(text if kept is None else with_section(text, kept))
     if args.json is not None:
         args.json.write_text(json.dumps({**asdict(report), "checks": [asdict(c) for c in checks]}, indent=2))
     log(f"wrote {args.out} in {report.elapsed_s / 60:.1f} min")

@@ -14,23 +14,22 @@ ByteBudget until the response is handed back.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
-
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from server.core.admission import ByteBudget
 from server.core.engine import Engine, VersionState
-from server.core.errors import MalformedRequestError, ModelsLoadingError, ServiceError
+from server.core.errors import ModelsLoadingError, ServiceError
 from server.core.runtime import ModelRuntime
 from server.grpc.charrnn_v1_codec import encode_response, initial_state
+from server.grpc.observed import ANSWERED_VERSION, RpcRecorder, admit, raising
 from server.grpc.status import abort, status_code
 from server.metrics import Metrics
 
@@ -43,10 +42,6 @@ STREAM_PIPELINE_DEPTH = 4
 
 Response = TypeVar("Response")
 Request = TypeVar("Request", bound=Message)
-
-_ANSWERED_VERSION: contextvars.ContextVar[str] = contextvars.ContextVar("answered_version", default="")
-"""The model version that answered the RPC being handled (each handler runs in its own task, so its own
-context): set by _encode, read by the metrics in _observed and _stream_message."""
 
 _VERSION_STATES = {
     VersionState.READY: pb.VERSION_STATE_READY,
@@ -67,9 +62,7 @@ class CharRnnService:
         self.budget = budget if budget is not None else ByteBudget(1 << 62)
         """Request bytes in flight, shared with the server's other front ends."""
         self._engine: Engine | None = None
-        # Metric children by label values: labels() is a locked dict lookup per call, these are plain lookups.
-        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
-        self._model_children: dict[str, tuple[Any, Any]] = {}
+        self._recorder = RpcRecorder(metrics, lambda: None if self._engine is None else self._engine.models)
 
     def attach(self, engine: Engine) -> None:
         """Start answering with this engine (until then RPCs get UNAVAILABLE: models are loading)."""
@@ -87,7 +80,7 @@ class CharRnnService:
         try:
             request = self._admit(pb.EncodeRequest, data)
         except ServiceError as error:
-            return await self._observed("Encode", "", context, _raising(error))
+            return await self._observed("Encode", "", context, raising(error))
         try:
             return await self._observed(
                 "Encode", request.model, context, lambda: self._encode(request, default_report=False)
@@ -135,7 +128,7 @@ class CharRnnService:
         try:
             request = self._admit(pb.EncodeRequest, data)  # taken here, so a task cancelled unstarted holds nothing
         except ServiceError as error:
-            self._record("EncodeStream", model, status_code(error), started)
+            self._recorder.record("EncodeStream", model, status_code(error), started)
             raise
         try:
             model = request.model
@@ -145,14 +138,14 @@ class CharRnnService:
             raise
         finally:
             self.budget.give(len(data))
-            self._record("EncodeStream", model, code, started, _ANSWERED_VERSION.get())
+            self._recorder.record("EncodeStream", model, code, started, ANSWERED_VERSION.get())
 
     async def ListModels(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Metadata of every loaded model, sorted by name."""
         try:
             self._admit(pb.ListModelsRequest, data)
         except ServiceError as error:
-            return await self._observed("ListModels", "", context, _raising(error))
+            return await self._observed("ListModels", "", context, raising(error))
         try:
             return await self._observed(
                 "ListModels", "", context,
@@ -168,7 +161,7 @@ class CharRnnService:
         try:
             request = self._admit(pb.GetModelRequest, data)
         except ServiceError as error:
-            return await self._observed("GetModel", "", context, _raising(error))
+            return await self._observed("GetModel", "", context, raising(error))
         try:
             return await self._observed(
                 "GetModel", request.name, context,
@@ -178,17 +171,8 @@ class CharRnnService:
             self.budget.give(len(data))
 
     def _admit(self, message_type: type[Request], data: bytes) -> Request:
-        """Take the request's bytes from the budget and parse them; on MalformedRequestError (or a full budget)
-        nothing stays taken. The caller gives len(data) back once it has answered."""
-        self.budget.take(len(data))
-        try:
-            return message_type.FromString(data)
-        except DecodeError:
-            self.budget.give(len(data))
-            raise MalformedRequestError(
-                f"request is not a valid {message_type.DESCRIPTOR.full_name}",
-                metadata={"message_type": message_type.DESCRIPTOR.full_name},
-            ) from None
+        """observed.admit() against this server's byte budget."""
+        return admit(self.budget, message_type, data)
 
     async def _observed(
         self,
@@ -197,54 +181,8 @@ class CharRnnService:
         context: grpc.aio.ServicerContext,
         handler: Callable[[], Awaitable[Response]],
     ) -> Response:
-        """Run a handler, count it, time it, and turn errors into statuses (tracebacks go to the log only)."""
-        started = time.perf_counter()
-        _ANSWERED_VERSION.set("")
-        try:
-            response = await handler()
-        except ServiceError as error:
-            code = status_code(error)
-            logger.debug("%s %s: %s %s %s", method, model, code.name, error.reason, error.message)
-            # Counted before the status leaves: a client reading /metrics right after sees its call.
-            self._record(method, model, code, started)
-            await abort(context, error)
-        except asyncio.CancelledError:
-            # grpc.aio cancels the handler both when the client cancels and when its deadline passes.
-            expired = context.time_remaining() is not None and context.time_remaining() <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            self._record(method, model, code, started)
-            raise
-        except Exception as error:
-            logger.exception("%s %s failed", method, model)
-            self._record(method, model, grpc.StatusCode.INTERNAL, started)
-            await abort(context, error)
-        else:
-            self._record(method, model, grpc.StatusCode.OK, started, _ANSWERED_VERSION.get())
-            return response
-        raise AssertionError("unreachable: context.abort raises")
-
-    def _record(self, method: str, model: str, code: grpc.StatusCode, started: float, version: str = "") -> None:
-        # Unknown names would grow the label set without bound; versions are only those that answered.
-        label = model if self._engine is not None and model in self._engine.models else ""
-        key = (method, label, version, code.name)
-        children = self._request_children.get(key)
-        if children is None:
-            children = self._request_children[key] = (
-                self.metrics.requests.labels(method, label, version, code.name),
-                self.metrics.request_seconds.labels(method, label),
-            )
-        children[0].inc()
-        children[1].observe(time.perf_counter() - started)
-
-    def _per_model(self, model: str) -> tuple[Any, Any]:
-        """(words_per_request, queue_seconds) metric children of a loaded model."""
-        children = self._model_children.get(model)
-        if children is None:
-            children = self._model_children[model] = (
-                self.metrics.words_per_request.labels(model),
-                self.metrics.queue_seconds.labels(model),
-            )
-        return children
+        """Run a handler, count it, time it, and turn errors into statuses (server/grpc/observed.py)."""
+        return await self._recorder.observed(method, model, context, handler)
 
     async def _encode(self, request: pb.EncodeRequest, default_report: bool) -> bytes:
         started = time.perf_counter()
@@ -256,8 +194,8 @@ class CharRnnService:
         rows = await self.engine.encode_rows(
             request.model, list(request.words), states, report_invalid=report, version=request.version
         )
-        _ANSWERED_VERSION.set(str(rows.model.version))
-        words_per_request, queue_seconds = self._per_model(rows.model.name)
+        ANSWERED_VERSION.set(str(rows.model.version))
+        words_per_request, queue_seconds = self._recorder.per_model(rows.model.name)
         words_per_request.observe(len(request.words))
         if rows.stats is not None:
             queue_seconds.observe(rows.stats.queue_s)
@@ -322,13 +260,6 @@ REQUEST_TYPES: dict[str, type[Message]] = {
 
 def _wire_bytes(response: bytes) -> bytes:
     return response
-
-
-def _raising(error: ServiceError) -> Callable[[], Awaitable[Any]]:
-    async def call() -> Any:
-        raise error
-
-    return call
 
 
 def _as_async(function: Callable[[], Response]) -> Callable[[], Awaitable[Response]]:
