@@ -62,8 +62,8 @@ class ClientSecurity:
             raise ClientSecurityError("the token must be one line of printable characters without spaces")
         return cls(
             tls=tls or tls_ca is not None or tls_cert is not None,
-            ca=_read(tls_ca, "CA file") if tls_ca else None,
-            cert=_read(tls_cert, "client certificate") if tls_cert else None,
+            ca=_pem_certificates(tls_ca, "CA file") if tls_ca else None,
+            cert=_pem_certificates(tls_cert, "client certificate") if tls_cert else None,
             key=_read(tls_key, "client key") if tls_key else None,
             token=token,
         )
@@ -214,3 +214,12 @@ def _aio_token_interceptors(metadata: tuple[tuple[str, str], ...]) -> list[grpc.
             return await continuation(with_token(details), request_iterator)
 
     return [Unary(), UnaryStream(), StreamUnary(), StreamStream()]
+
+
+def _pem_certificates(path: str | Path, what: str) -> bytes:
+    """A file that must hold PEM certificates: checked here, since gRPC only logs its own errors for a bad one
+    and then fails every call with "Failed to create security handshaker"."""
+    data = _read(path, what)
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ClientSecurityError(f"{what} {path}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)")
+    return data

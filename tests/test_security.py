@@ -357,3 +357,13 @@ def test_v2_over_tls(pki: dict[str, Path], unit_repository: Path) -> None:
             plaintext.close()
     finally:
         server.stop()
+
+
+def test_a_ca_file_that_holds_no_certificate_is_a_clear_client_error(pki: dict[str, Path], tmp_path: Path) -> None:
+    from clients.security import ClientSecurityError
+
+    assert ClientSecurity.from_files(tls_ca=pki["ca"]).ca == pki["ca"].read_bytes()
+    not_a_certificate = tmp_path / "server.key"
+    not_a_certificate.write_bytes(pki["server_key"].read_bytes())
+    with pytest.raises(ClientSecurityError, match=r"CA file .*server\.key: no PEM certificate in it"):
+        ClientSecurity.from_files(tls_ca=not_a_certificate)
