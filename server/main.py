@@ -20,9 +20,10 @@ from server.core.admission import ByteBudget
 from server.core.engine import Engine, load_engine
 from server.core.repository import RepositoryWatcher
 from server.core.runtime import DeviceUnavailableError
-from server.grpc.auth import TokenFileError
 from server.grpc import kserve_v2
+from server.grpc.auth import TokenFileError
 from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
+from server.grpc.malformed import MalformedRequestInterceptor
 from server.grpc.security import CredentialsError, ServerSecurity, is_loopback
 from server.metrics import Metrics
 
@@ -84,7 +85,10 @@ async def create_server(config: ServerConfig) -> RunningServer:
         logger.warning("bearer tokens over plaintext on %s: anyone on the path can read them "
                        "(fine only if TLS ends in front of the server, e.g. at a mesh sidecar)", config.address)
     # TLS and tokens are server-wide: every service registered on this server is behind them.
-    server = grpc.aio.server(options=config.grpc_options(), interceptors=security.interceptors)
+    # The malformed-request interceptor comes last: inside the token check (see server/grpc/malformed.py).
+    server = grpc.aio.server(
+        options=config.grpc_options(), interceptors=[*security.interceptors, MalformedRequestInterceptor()]
+    )
     health_servicer = health.aio.HealthServicer()
     for name in (OVERALL, *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -367,3 +367,52 @@ def test_a_ca_file_that_holds_no_certificate_is_a_clear_client_error(pki: dict[s
     not_a_certificate.write_bytes(pki["server_key"].read_bytes())
     with pytest.raises(ClientSecurityError, match=r"CA file .*server\.key: no PEM certificate in it"):
         ClientSecurity.from_files(tls_ca=not_a_certificate)
+
+
+@pytest.mark.parametrize(("method", "streaming", "message_type"), [
+    ("/grpc.health.v1.Health/Check", "unary", "grpc.health.v1.HealthCheckRequest"),
+    ("/grpc.health.v1.Health/Watch", "server", "grpc.health.v1.HealthCheckRequest"),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "both", "grpc.reflection.v1alpha.ServerReflectionRequest"),
+])
+def test_malformed_bytes_to_health_and_reflection_get_invalid_argument_too(
+    in_process: InProcessServer, method: str, streaming: str, message_type: str
+) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    garbage = b"\xff\xff\xff"
+    with grpc.insecure_channel(in_process.target) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            if streaming == "unary":
+                channel.unary_unary(method)(garbage, timeout=5)
+            elif streaming == "server":
+                list(channel.unary_stream(method)(garbage, timeout=5))
+            else:
+                list(channel.stream_stream(method)(iter([garbage]), timeout=5))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert raised.value.details() == f"request is not a valid {message_type}"  # type: ignore[attr-defined]
+        assert error_details(raised.value).reason == "MALFORMED_REQUEST"  # type: ignore[arg-type]
+        # ... and the wrapped services still answer good requests:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {service.name for response in reflect for service in response.list_services_response.service}
+        assert {"charrnn.v1.CharRnn", "inference.GRPCInferenceService"} <= names
+
+
+def test_without_a_token_malformed_bytes_are_refused_before_they_are_parsed(
+    token_server: tuple[InProcessServer, Path],
+) -> None:
+    server, _ = token_server
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            list(channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(
+                iter([b"\xff\xff"]), timeout=5))
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff\xff", timeout=5)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]  # health: open

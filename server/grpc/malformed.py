@@ -1,0 +1,114 @@
+"""Request bytes that do not parse get INVALID_ARGUMENT on every service of the port, ours or not.
+
+Our front ends (charrnn_v1, kserve_v2) take raw bytes and parse them themselves (observed.admit). The services
+grpcio ships (grpc.health.v1, server reflection) register protobuf deserialisers, and a DecodeError there
+reaches the client as `UNKNOWN: Unexpected <class 'google.protobuf.message.DecodeError'>`, a Python class
+name. This interceptor wraps such a handler's deserialiser so that bytes that do not parse become a marker,
+and the handler's behaviour answers the marker with the same status our services give: INVALID_ARGUMENT
+`request is not a valid <type>`, reason MALFORMED_REQUEST.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from server.core.errors import MalformedRequestError
+from server.grpc.status import abort
+
+
+class _Unparsed:
+    """What a wrapped deserialiser returns for bytes that do not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: MalformedRequestError) -> None:
+        self.error = error
+
+
+def _deserializer(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_type = getattr(parse, "__self__", None)  # pb.X.FromString is a bound class method
+    name = message_type.DESCRIPTOR.full_name if message_type is not None else "request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return _Unparsed(MalformedRequestError(f"request is not a valid {name}", metadata={"message_type": name}))
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Unparsed):
+            await abort(context, request.error)
+        yield request
+
+
+def _wrapped(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    deserialize = _deserializer(handler.request_deserializer)
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        behaviour = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Unparsed):
+                await abort(context, request.error)
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
+    if handler.unary_stream is not None:
+        streaming = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Unparsed):
+                await abort(context, request.error)
+            # The wrapped behaviour may write with context.write (health's Watch) or be a generator.
+            result = streaming(request, context)
+            if hasattr(result, "__aiter__"):
+                async for response in result:
+                    await context.write(response)
+            else:
+                await result
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+    if handler.stream_unary is not None:
+        gathering = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            return await gathering(_checked(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
+    bidirectional = handler.stream_stream
+
+    async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        result = bidirectional(_checked(requests, context), context)
+        if hasattr(result, "__aiter__"):
+            async for response in result:
+                await context.write(response)
+        else:
+            await result
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler that parses its requests with protobuf (see the module doc); ours pass untouched.
+
+    It must come after the token interceptor in the server's list (inside it), so that it only ever sees the
+    real handlers, and a caller without a token is refused before any byte of its request is parsed.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler  # unknown method, or one of ours (it parses raw bytes itself)
+        return _wrapped(handler)
