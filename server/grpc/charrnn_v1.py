@@ -24,14 +24,12 @@ import grpc
 from google.protobuf.message import Message
 
 from proto.charrnn.v1 import charrnn_pb2 as pb
-from server.core.admission import ByteBudget
-from server.core.engine import Engine, VersionState
-from server.core.errors import ModelsLoadingError, ServiceError
+from server.core.engine import VersionState
+from server.core.errors import ServiceError
 from server.core.runtime import ModelRuntime
 from server.grpc.charrnn_v1_codec import encode_response, initial_state
-from server.grpc.observed import ANSWERED_VERSION, RpcRecorder, admit, raising
+from server.grpc.observed import ANSWERED_VERSION, FrontEnd, admit, raising
 from server.grpc.status import abort, status_code
-from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -50,30 +48,12 @@ _VERSION_STATES = {
 }
 
 
-class CharRnnService:
+class CharRnnService(FrontEnd):
     """Translates charrnn.v1 messages to Engine calls and back.
 
     Not a subclass of the generated CharRnnServicer: Encode and EncodeStream return wire bytes, which only the
     handlers of method_handlers() (not add_CharRnnServicer_to_server's) know to send as they are.
     """
-
-    def __init__(self, metrics: Metrics, budget: ByteBudget | None = None) -> None:
-        self.metrics = metrics
-        self.budget = budget if budget is not None else ByteBudget(1 << 62)
-        """Request bytes in flight, shared with the server's other front ends."""
-        self._engine: Engine | None = None
-        self._recorder = RpcRecorder(metrics, lambda: None if self._engine is None else self._engine.models)
-
-    def attach(self, engine: Engine) -> None:
-        """Start answering with this engine (until then RPCs get UNAVAILABLE: models are loading)."""
-        self._engine = engine
-
-    @property
-    def engine(self) -> Engine:
-        """The engine, or ModelsLoadingError while the server starts."""
-        if self._engine is None:
-            raise ModelsLoadingError("the server is still loading its models; retry shortly")
-        return self._engine
 
     async def Encode(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Unary encode; bad words fail the request unless the request asks for REPORT. Returns the wire bytes."""

@@ -26,8 +26,7 @@ from proto.kserve import grpc_service_pb2 as pb
 from proto.kserve import model_config_pb2 as mc
 from server.core.admission import ByteBudget
 from server.core.batcher import BatchSettings
-from server.core.engine import Engine
-from server.core.errors import ModelsLoadingError, ServiceError, VersionNotFoundError
+from server.core.errors import ServiceError, VersionNotFoundError
 from server.core.runtime import ModelRuntime
 from server.grpc.kserve_v2_codec import (
     CELL,
@@ -42,7 +41,7 @@ from server.grpc.kserve_v2_codec import (
     input_specs,
     output_specs,
 )
-from server.grpc.observed import ANSWERED_VERSION, RpcRecorder, admit, raising
+from server.grpc.observed import ANSWERED_VERSION, FrontEnd, admit, raising
 from server.grpc.status import INTERNAL_MESSAGE, status_code
 from server.metrics import Metrics
 
@@ -59,29 +58,14 @@ STREAM_PIPELINE_DEPTH = 4
 Response = TypeVar("Response")
 
 
-class KServeV2Service:
+class KServeV2Service(FrontEnd):
     """Translates inference.GRPCInferenceService messages to Engine calls and back."""
 
     def __init__(self, metrics: Metrics, health_servicer: health.aio.HealthServicer,
                  batching: BatchSettings | None, budget: ByteBudget | None = None) -> None:
-        self.metrics = metrics
-        self.budget = budget if budget is not None else ByteBudget(1 << 62)
-        """Request bytes in flight, shared with the server's other front ends."""
+        super().__init__(metrics, budget)
         self._health = health_servicer
         self._batching = batching
-        self._engine: Engine | None = None
-        self._recorder = RpcRecorder(metrics, lambda: None if self._engine is None else self._engine.models)
-
-    def attach(self, engine: Engine) -> None:
-        """Start answering with this engine (until then model RPCs get UNAVAILABLE: models are loading)."""
-        self._engine = engine
-
-    @property
-    def engine(self) -> Engine:
-        """The engine, or ModelsLoadingError while the server starts."""
-        if self._engine is None:
-            raise ModelsLoadingError("the server is still loading its models; retry shortly")
-        return self._engine
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         """Live whenever the process answers (also while loading and draining)."""

@@ -17,7 +17,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from server.core.admission import ByteBudget
-from server.core.errors import MalformedRequestError, ServiceError
+from server.core.engine import Engine
+from server.core.errors import MalformedRequestError, ModelsLoadingError, ServiceError
 from server.grpc.status import abort, status_code
 from server.metrics import Metrics
 
@@ -29,6 +30,29 @@ Request = TypeVar("Request", bound=Message)
 ANSWERED_VERSION: contextvars.ContextVar[str] = contextvars.ContextVar("answered_version", default="")
 """The model version that answered the RPC in this task, set by the handler once it knows; the request counter's
 version label (empty for RPCs no version answered)."""
+
+
+class FrontEnd:
+    """What every gRPC front end holds: the server's one Metrics and byte budget, its RpcRecorder, and the engine
+    once the models are loaded (until attach(), RPCs that need it get UNAVAILABLE: models are loading)."""
+
+    def __init__(self, metrics: Metrics, budget: ByteBudget | None = None) -> None:
+        self.metrics = metrics
+        self.budget = budget if budget is not None else ByteBudget(1 << 62)
+        """Request bytes in flight, shared with the server's other front ends."""
+        self._engine: Engine | None = None
+        self._recorder = RpcRecorder(metrics, lambda: None if self._engine is None else self._engine.models)
+
+    def attach(self, engine: Engine) -> None:
+        """Start answering with this engine."""
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, or ModelsLoadingError while the server starts."""
+        if self._engine is None:
+            raise ModelsLoadingError("the server is still loading its models; retry shortly")
+        return self._engine
 
 
 class RpcRecorder:
