@@ -57,7 +57,7 @@ FILES_CPU = ("docker-compose.yml", "docker-compose.cpu.yml")
 FILES_TLS = (*FILES_CPU, "docker-compose.tls.yml")
 MODELS = ("rnn", "rnn_multi_layers", "lstm")
 WORDS = ("hello", "hell", "hole", "oleh", "lol", "he", "h")
-DRAIN_WORDS = 60_000
+DRAIN_WORDS = 150_000
 HEALTH_S = 120.0
 BATCH_S = 300.0
 
