@@ -2,7 +2,7 @@
 
 Bounded in time: the whole test has a 20-minute limit (pytest-timeout), and every wait in it has its own
 bound (dockerd 60 s, the image build 12 min, health 120 s, each batch job 5 min). Measured on the 2-core
-development machine: about 4 minutes from nothing (mmdebstrap, the wheelhouse download, both builds), about
+development machine: about 3 minutes from nothing (mmdebstrap, the wheelhouse download, both builds), about
 1.5 minutes with the cache warm. What it does, in order (each step printed as it runs):
 
 1. a Docker engine: the running one, or `dockerd` started here (Debian's docker.io and mmdebstrap are
