@@ -15,3 +15,9 @@ proto:
 	$(PYTHON) -m grpc_tools.protoc -I $(KSERVE) --python_out=$(KSERVE) --pyi_out=$(KSERVE) --grpc_python_out=$(KSERVE) \
 		$(addprefix $(KSERVE)/,$(KSERVE_PROTOS))
 	sed -i -E 's/^import (grpc_service|model_config)_pb2 as/from proto.kserve import \1_pb2 as/' $(KSERVE)/*_pb2*.py*
+
+# The export and CPU server images with no registry and no index in the build (docs/deployment.md):
+# a Debian base from mmdebstrap, a wheelhouse from pip, `docker build --network none`. Needs a Docker engine.
+.PHONY: offline-images
+offline-images:
+	bash docker/offline-images.sh

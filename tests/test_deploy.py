@@ -1,4 +1,4 @@
-"""Deployment checks that need no Docker engine.
+"""Deployment checks that need no Docker engine (tests/test_stack.py runs the stack for real).
 
 No image is built and no container is run here. Instead:
 
@@ -44,6 +44,7 @@ pytestmark = pytest.mark.deploy
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_CPU_FILE = ROOT / "docker-compose.cpu.yml"
+COMPOSE_TLS_FILE = ROOT / "docker-compose.tls.yml"
 DOCKERFILES = ("Dockerfile.server", "Dockerfile.export")
 BIN_DIR = Path(sys.executable).parent
 BUILTIN_MODELS = ("rnn", "rnn_multi_layers", "lstm")
@@ -102,6 +103,7 @@ def run_compose(binary: Path, tmp: Path, files: tuple[Path, ...], *args: str) ->
 
 
 VARIANTS = {"gpu": (COMPOSE_FILE,), "cpu": (COMPOSE_FILE, COMPOSE_CPU_FILE)}
+TLS_VARIANTS = {"gpu-tls": (COMPOSE_FILE, COMPOSE_TLS_FILE), "cpu-tls": (COMPOSE_FILE, COMPOSE_CPU_FILE, COMPOSE_TLS_FILE)}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def configs(compose_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     """`config --format json` of each variant, batch profile included."""
     tmp = tmp_path_factory.mktemp("compose")
     resolved = {}
-    for variant, files in VARIANTS.items():
+    for variant, files in {**VARIANTS, **TLS_VARIANTS}.items():
         result = run_compose(compose_binary, tmp, files, "--profile", "batch", "config", "--format", "json")
         assert result.returncode == 0, result.stderr
         resolved[variant] = json.loads(result.stdout)
@@ -309,14 +311,14 @@ def ignored_by_docker(relative: str, patterns: list[str]) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted({**VARIANTS, **TLS_VARIANTS}))
 @pytest.mark.parametrize("profile", [(), ("--profile", "batch")], ids=["default", "batch-profile"])
 def test_compose_config_is_valid(
     compose_binary: Path, tmp_path: Path, variant: str, profile: tuple[str, ...]
 ) -> None:
     version = run_compose(compose_binary, tmp_path, (), "version", "--short")
     assert version.returncode == 0 and version.stdout.startswith("2."), version
-    result = run_compose(compose_binary, tmp_path, VARIANTS[variant], *profile, "config", "-q")
+    result = run_compose(compose_binary, tmp_path, {**VARIANTS, **TLS_VARIANTS}[variant], *profile, "config", "-q")
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", f"Compose warned: {result.stderr}"
     assert result.stdout == ""
@@ -344,14 +346,16 @@ def test_export_service_writes_the_volume(configs: dict[str, dict[str, Any]]) ->
         assert volume["type"] == "volume" and volume["source"] in config["volumes"]
         assert not volume.get("read_only"), "the export writes the repository"
         assert flag(export["command"], "--out") == volume["target"]
-        assert "deploy" not in export, "the export runs on the CPU"
+        assert not _gpu_devices(export), "the export runs on the CPU"
 
 
 def test_server_waits_for_export_and_mounts_the_volume_read_only(configs: dict[str, dict[str, Any]]) -> None:
     for config in configs.values():
         export, server = config["services"]["export"], config["services"]["server"]
         assert server["depends_on"]["export"]["condition"] == "service_completed_successfully"
-        assert server["build"] == {"context": str(ROOT), "dockerfile": "Dockerfile.server"}
+        assert {k: v for k, v in server["build"].items() if k != "args"} == {
+            "context": str(ROOT), "dockerfile": "Dockerfile.server"
+        }
         (volume,) = server["volumes"]
         assert volume["type"] == "volume" and volume["source"] == export["volumes"][0]["source"]
         assert volume["read_only"] is True
@@ -374,6 +378,7 @@ def test_gpu_variant_reserves_a_gpu_and_requires_cuda(configs: dict[str, dict[st
     for name, service in configs["gpu"]["services"].items():
         if name != "server":
             assert not _gpu_devices(service), f"{name} must not reserve a GPU"
+    assert server["image"].startswith("charrnn-server:") and not server["build"].get("args"), "the default build: CUDA base"
 
 
 def test_cpu_variant_has_no_gpu_and_differs_only_in_device(configs: dict[str, dict[str, Any]]) -> None:
@@ -384,9 +389,17 @@ def test_cpu_variant_has_no_gpu_and_differs_only_in_device(configs: dict[str, di
     assert flag(cpu_command, "--device") == "cpu"
     index = gpu_command.index("--device") + 1
     assert cpu_command == gpu_command[:index] + ["cpu"] + gpu_command[index + 1 :]
-    gpu_server = {k: v for k, v in configs["gpu"]["services"]["server"].items() if k not in ("command", "deploy")}
-    cpu_server = {k: v for k, v in configs["cpu"]["services"]["server"].items() if k not in ("command", "deploy")}
-    assert cpu_server == gpu_server, "the CPU override changes nothing but the device"
+    ignored = ("command", "deploy", "image", "build")
+    gpu_server = {k: v for k, v in configs["gpu"]["services"]["server"].items() if k not in ignored}
+    cpu_server = {k: v for k, v in configs["cpu"]["services"]["server"].items() if k not in ignored}
+    assert cpu_server == gpu_server, "the CPU override changes nothing but the device and the image"
+    server = configs["cpu"]["services"]["server"]
+    assert server["image"].startswith("charrnn-server-cpu:"), "the small CPU image, not the CUDA one"
+    assert server["build"]["args"]["ONNXRUNTIME"] == "onnxruntime"
+    assert "cuda" not in server["build"]["args"]["BASE_IMAGE"]
+    assert configs["cpu"]["services"]["batch"]["image"] == server["image"]
+    gpu_limits = configs["gpu"]["services"]["server"]["deploy"]["resources"]["limits"]
+    assert server["deploy"]["resources"]["limits"] == gpu_limits
 
 
 def test_healthcheck_asks_charrnn_health_on_the_served_port(configs: dict[str, dict[str, Any]]) -> None:
@@ -444,7 +457,7 @@ def test_batch_job_targets_every_replica_with_dns(configs: dict[str, dict[str, A
     for config in configs.values():
         batch, server = config["services"]["batch"], config["services"]["server"]
         assert batch["profiles"] == ["batch"], "not started by a plain `docker compose up`"
-        assert batch["entrypoint"] == ["charrnn-batch"]
+        assert batch["entrypoint"][0] == "charrnn-batch"
         assert batch["image"] == server["image"], "the client runs from the server image"
         assert flag(batch["command"], "--target") == f"dns:///server:{flag(server['command'], '--port')}"
         assert batch["depends_on"]["server"]["condition"] == "service_healthy"
@@ -453,6 +466,62 @@ def test_batch_job_targets_every_replica_with_dns(configs: dict[str, dict[str, A
         for name in ("--input", "--output"):
             path = flag(batch["command"], name)
             assert path and any(path.startswith(m.rstrip("/") + "/") for m in mounts), f"{name} {path} not mounted"
+
+
+@pytest.mark.parametrize("variant", sorted({**VARIANTS, **TLS_VARIANTS}))
+def test_every_service_is_hardened_and_limited(configs: dict[str, dict[str, Any]], variant: str) -> None:
+    """Read-only root filesystem with a tmpfs /tmp, no capabilities, no-new-privileges, non-root, stated limits."""
+    for name, service in configs[variant]["services"].items():
+        assert service.get("read_only") is True, f"{name}: root filesystem not read-only"
+        assert any(str(t).startswith("/tmp") for t in service.get("tmpfs", [])), f"{name}: no tmpfs /tmp"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: capabilities not dropped"
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        user = service.get("user", "")
+        assert user and not user.startswith(("0", "root")), f"{name}: runs as {user!r}"
+        limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
+        assert limits.get("cpus") and limits.get("memory") and limits.get("pids"), f"{name}: limits {limits}"
+
+
+def test_healthcheck_needs_no_engine_25(configs: dict[str, dict[str, Any]]) -> None:
+    """start_interval makes Compose refuse to create the container on Docker Engine < 25 (e.g. Debian 12's 20.10)."""
+    for config in configs.values():
+        assert "start_interval" not in config["services"]["server"]["healthcheck"]
+
+
+@pytest.mark.parametrize("variant", sorted(TLS_VARIANTS))
+def test_tls_variant_serves_tls_and_tokens_from_secrets(configs: dict[str, dict[str, Any]], variant: str) -> None:
+    from server.config import parse_config
+
+    config = configs[variant]
+    plain = configs[variant.removesuffix("-tls")]
+    server, batch = config["services"]["server"], config["services"]["batch"]
+    secrets = {s["source"]: s["target"] for s in server["secrets"]}
+    assert set(secrets) >= {"tls_cert", "tls_key", "tls_ca", "auth_tokens"}
+    for name in secrets:
+        assert config["secrets"][name]["file"], f"secret {name} comes from a file"
+    environment = {k: v for k, v in server["environment"].items() if v is not None}
+    parsed = parse_config(server["command"], environ=environment)
+    assert (str(parsed.tls_cert), str(parsed.tls_key), str(parsed.auth_token_file)) == (
+        secrets["tls_cert"], secrets["tls_key"], secrets["auth_tokens"]
+    )
+    test = server["healthcheck"]["test"]
+    assert flag(test, "--tls-ca") == secrets["tls_ca"], "the healthcheck speaks TLS, trusting the CA"
+    assert flag(test, "--token-file") is None, "grpc.health.v1 is open: the healthcheck needs no token"
+    assert server["command"] == plain["services"]["server"]["command"], "TLS comes from the environment"
+    batch_secrets = {s["source"]: s["target"] for s in batch["secrets"]}
+    argv = batch["entrypoint"] + batch["command"]
+    assert flag(argv, "--tls-ca") == batch_secrets["tls_ca"]
+    assert flag(argv, "--token-file") == batch_secrets["client_token"]
+    assert batch["command"] == plain["services"]["batch"]["command"]
+
+
+def test_tls_secrets_parse_with_the_clients_and_servers_own_parsers(configs: dict[str, dict[str, Any]]) -> None:
+    """The batch entrypoint + command parse with charrnn-batch's parser (security options before the rest)."""
+    from clients.batch.cli import build_parser
+
+    batch = configs["cpu-tls"]["services"]["batch"]
+    args = build_parser().parse_args(batch["entrypoint"][1:] + batch["command"])
+    assert args.tls_ca == "/run/secrets/tls_ca" and args.token_file == "/run/secrets/client_token"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,9 +610,22 @@ def test_server_image_installs_no_torch() -> None:
     installs = pip_installs(dockerfile)
     assert installs, "Dockerfile.server installs nothing with pip"
     for install in installs:
-        assert install.requirements == ["."], f"the server image installs exactly the project, no extras: {install}"
+        # The project's dependencies from docker/requirements.py (no --extra), then the project with --no-deps.
+        assert install.requirements == ["."] or install.options.get("--requirement"), install
+        if install.requirements == ["."]:
+            assert "--no-deps" in install.options, install
         for value in [*install.options, *install.options.values()]:
             assert "torch" not in value.lower(), install
+    runs = " ".join(run for stage in dockerfile.stages for run in stage.all("RUN"))
+    assert "docker/requirements.py" in runs and "--extra" not in runs
+    for onnxruntime in ("onnxruntime-gpu", "onnxruntime"):
+        listed = subprocess.run(
+            [sys.executable, "docker/requirements.py", "--onnxruntime", onnxruntime], capture_output=True, text=True,
+            check=True, cwd=ROOT,
+        ).stdout.split()
+        assert not [r for r in listed if r.startswith("torch")], listed
+        assert any(r.startswith(onnxruntime + ">=") for r in listed), listed
+        assert len(listed) == len(pyproject()["project"]["dependencies"])
 
 
 def test_export_image_installs_cpu_torch_before_the_project() -> None:
@@ -553,7 +635,9 @@ def test_export_image_installs_cpu_torch_before_the_project() -> None:
     assert len(pinned) == 1, "pyproject pins torch in the export extra"
     version = pinned[0].removeprefix("torch==")
     torch_installs = [i for i, inst in enumerate(installs) if any(r.startswith("torch") for r in inst.requirements)]
-    project_installs = [i for i, inst in enumerate(installs) if ".[export]" in inst.requirements]
+    project_installs = [i for i, inst in enumerate(installs) if inst.options.get("--requirement")]
+    runs = " ".join(run for stage in dockerfile.stages for run in stage.all("RUN"))
+    assert "docker/requirements.py --onnxruntime onnxruntime --extra export" in runs
     assert torch_installs and project_installs, installs
     torch_install = installs[torch_installs[0]]
     assert f"torch=={version}+cpu" in torch_install.requirements, torch_install

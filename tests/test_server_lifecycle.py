@@ -410,6 +410,11 @@ def test_device_auto_reports_the_provider_it_runs_on(
         for name in MODELS:
             kind = "rnn" if name.startswith("rnn") else "lstm"
             assert f"{name} [{kind}, {expected}]" in running.log()
+        # No red onnxruntime error where CUDA cannot run: the server checks before asking for CUDA, and
+        # says in one plain line which provider runs and why.
+        assert "Failed to load library" not in running.log(), running.log()
+        if not cuda_probe.works:
+            assert running.log().count("onnxruntime provider: CPUExecutionProvider (--device auto; CUDA is not usable here: ") == 1, running.log()
         samples = metric_samples(running)
         for name in MODELS:
             assert sample(samples, "charrnn_execution_provider", model=name, version="1", provider=expected) == 1.0
@@ -432,6 +437,8 @@ def test_device_cuda_refuses_to_start_without_cuda(
     assert result.returncode == 1, result.stderr
     assert "charrnn-server: cannot start:" in result.stderr
     assert "--device cuda" in result.stderr and CUDA in result.stderr
+    assert "cannot run here: " in result.stderr, "names what is missing"
+    assert "Failed to load library" not in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,20 +37,68 @@ class RunOutputs:
 
 
 def requested_providers(device: str) -> list[str]:
-    """Providers to ask onnxruntime for, in order of preference."""
+    """Providers to ask onnxruntime for, in order of preference.
+
+    CUDA is asked for only once cuda_unavailable_reason() finds nothing missing: asked for blindly on a machine
+    without a GPU, onnxruntime-gpu prints a red "Failed to load library libonnxruntime_providers_cuda.so" error
+    and falls back on its own. --device cuda raises DeviceUnavailableError naming what is missing instead.
+    """
     if device == "cpu":
         return [CPU]
     if device not in ("auto", "cuda"):
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        if device == "cuda":
+            raise DeviceUnavailableError(f"--device cuda: {CUDA} cannot run here: {reason}")
+        _log_provider_choice_once(f"{CPU} (--device auto; CUDA is not usable here: {reason})")
+        return [CPU]
+    _log_provider_choice_once(f"{CUDA} first, {CPU} as fallback (--device {device}; CUDA driver, GPU and libraries found)")
+    return [CUDA, CPU]
+
+
+@functools.cache
+def _log_provider_choice_once(text: str) -> None:
+    logger.info("onnxruntime provider: %s", text)
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why onnxruntime's CUDA provider cannot run in this process (None: nothing missing), found without
+    asking onnxruntime: the build, the NVIDIA driver and a GPU, then the provider library with every CUDA/cuDNN
+    library it links (dlopen names the first one missing)."""
     available = onnxruntime.get_available_providers()
     if CUDA not in available:
-        if device == "cuda":
-            raise DeviceUnavailableError(
-                f"--device cuda: this onnxruntime build has no {CUDA} (available: {', '.join(available)}); "
-                "install onnxruntime-gpu"
-            )
-        return [CPU]
-    return [CUDA, CPU]
+        return f"this onnxruntime build has no {CUDA} (available: {', '.join(available)}); install onnxruntime-gpu"
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    status = driver.cuInit(0)
+    if status != 0:
+        return f"the NVIDIA driver found no usable GPU (cuInit returned CUDA error {status})"
+    count = ctypes.c_int(0)
+    if driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return "no CUDA device"
+    provider_library = Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        _preload_cuda_wheels()
+        ctypes.CDLL(str(provider_library), mode=ctypes.RTLD_GLOBAL)
+    except OSError as error:
+        return f"the CUDA provider's libraries do not load ({error}); CUDA 13 and cuDNN 9 are needed"
+    return None
+
+
+def _preload_cuda_wheels() -> None:
+    """CUDA/cuDNN from the nvidia-* wheels, where installed (onnxruntime-gpu[cuda,cudnn]); system ones otherwise."""
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        import nvidia  # noqa: F401  (the namespace of the nvidia-* wheels)
+    except ImportError:
+        return
+    preload()
 
 
 RunDone = Callable[["RunOutputs | None", "BaseException | None"], None]
