@@ -19,7 +19,9 @@ development machine: about 3 minutes from nothing (mmdebstrap, the wheelhouse do
 5. `--scale server=3`; the batch service over dns:///server:50051; every replica's own /metrics counts
    EncodeStream calls;
 6. a drain: one replica stopped (`docker stop`, SIGTERM) while a batch job runs: it exits 0, the job
-   retries onto the others and loses nothing (every word, in order, no error);
+   retries onto the others and loses nothing (every word, in order, no error); then `compose stop server`
+   (every replica) during another job: the job holds its chunks and retries, writes nothing while no replica
+   answers, and once `compose start server` brings them back it finishes with every word, in order;
 7. the TLS + tokens variant (docker-compose.tls.yml, compose secrets from trustme certificates): healthy
    through the TLS healthcheck (no token), a TLS call with a token through the published port, the same
    call without a token refused, the batch job over TLS;
@@ -335,6 +337,44 @@ def test_the_compose_stack_runs_scales_drains_and_serves_tls(
     say(capsys, f"drain: the job finished with all {len(records)} words in order, none failed; "
                 "batch summary: " + (stderr.strip().splitlines() or [""])[-1])
     say(capsys, "the stopped replica's last lines:\n" + "\n".join(victim_log.strip().splitlines()[-3:]))
+
+    # ---- 6b. `compose stop server` (every replica) while a job runs, then start them again ----
+    output = stack.batch_dir / "outage.jsonl"
+    outage_env = {**drain_env, "CHARRNN_BATCH_OUTPUT": "outage.jsonl"}
+    background = subprocess.Popen(
+        stack.command(FILES_CPU, "--profile", "batch", "run", "--rm", "--no-deps", "batch"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=outage_env, cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (output.exists() and output.stat().st_size > 0):
+            assert background.poll() is None, f"the batch job ended before any output: {background.communicate()}"
+            assert time.monotonic() < deadline, "the batch job wrote nothing in 60 s"
+            time.sleep(0.2)
+        t = time.monotonic()
+        stack(FILES_CPU, "stop", "server", timeout=120)  # no replica left: the job keeps its chunks and retries
+        down_for = time.monotonic() - t
+        assert background.poll() is None, "the job gave up while every replica was stopped"
+        time.sleep(1)  # answers received before the stop may still be on their way to the file
+        written_while_down = output.stat().st_size
+        time.sleep(3)
+        assert output.stat().st_size == written_while_down, "output grew with every replica stopped"
+        stack(FILES_CPU, "start", "server", timeout=120)
+        stack.wait_healthy(3)
+        say(capsys, f"compose stop server during a job (all 3 replicas, {down_for:.1f} s), then start: "
+                    f"the job waited with {written_while_down} bytes written")
+        stdout, stderr = background.communicate(timeout=BATCH_S)
+    finally:
+        if background.poll() is None:
+            background.kill()
+            background.communicate(timeout=30)
+    assert background.returncode == 0, stderr[-3000:]
+    records = read_records(output)
+    assert [r["word"] for r in records] == drain_words, "words lost, repeated or out of order across the outage"
+    assert not [r for r in records if "error" in r]
+    say(capsys, f"outage: the job finished with all {len(records)} words in order, none failed; "
+                "batch summary: " + (stderr.strip().splitlines() or [""])[-1])
+    replicas = stack.wait_healthy(3)
 
     # ---- 7. TLS + tokens from compose secrets ----
     import trustme
