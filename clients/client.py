@@ -56,14 +56,19 @@ SERVICE_CONFIG: dict[str, Any] = {
 }
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
-    """Channel options shared by the sync and asyncio clients."""
-    return [
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, own_connection: bool = False) -> list[tuple[str, Any]]:
+    """Channel options shared by the sync and asyncio clients. own_connection: a TCP connection of this channel's
+    own (gRPC otherwise shares one between the channels of a process to the same target): a server's
+    --workers spread connections, not requests."""
+    options: list[tuple[str, Any]] = [
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return options
 
 
 # ---- values -----------------------------------------------------------------------------------------------------
@@ -342,9 +347,9 @@ class CharRnnClient(_ClientCore):
 
     def __init__(
         self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
-        security: ClientSecurity = PLAINTEXT,
+        security: ClientSecurity = PLAINTEXT, own_connection: bool = False,
     ) -> None:
-        channel = security.channel(target, channel_options(max_message_bytes))
+        channel = security.channel(target, channel_options(max_message_bytes, own_connection))
         super().__init__(target, timeout, channel, security)
 
     def __enter__(self) -> CharRnnClient:
@@ -423,9 +428,9 @@ class AsyncCharRnnClient(_ClientCore):
 
     def __init__(
         self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
-        security: ClientSecurity = PLAINTEXT,
+        security: ClientSecurity = PLAINTEXT, own_connection: bool = False,
     ) -> None:
-        channel = security.aio_channel(target, channel_options(max_message_bytes))
+        channel = security.aio_channel(target, channel_options(max_message_bytes, own_connection))
         super().__init__(target, timeout, channel, security)
 
     async def __aenter__(self) -> AsyncCharRnnClient:

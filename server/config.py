@@ -83,6 +83,11 @@ class ServerConfig:
     """Close (GOAWAY) connections older than this, so clients reconnect and rebalance; 0: never."""
     max_connection_age_grace_s: float = 30.0
     """After max_connection_age, how long RPCs in flight get to finish."""
+    workers: int = 1
+    """Server processes sharing the port (SO_REUSEPORT) under one supervisor (server/supervisor.py); 1: this
+    process serves alone."""
+    worker_index: int | None = None
+    """Set by the supervisor on the processes it starts (a hidden flag): this one is worker N of several."""
 
     @property
     def tls(self) -> bool:
@@ -95,7 +100,8 @@ class ServerConfig:
         options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Only a supervisor's workers share the port; a lone server must fail on a taken port, not split it.
+            ("grpc.so_reuseport", 0 if self.worker_index is None else 1),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
             ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.keepalive_min_ping_interval_s)),
             ("grpc.http2.max_ping_strikes", 2),
@@ -127,6 +133,17 @@ class ServerConfig:
         return EngineSettings(
             self.device, self.run_threads, self.limits(), self.batch_settings(), keep_versions=self.keep_versions
         )
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which taskset and cpusets narrow; not a CFS quota)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return usable_cores()
+    return int(value)
 
 
 def _ms(seconds: float) -> int:
@@ -233,6 +250,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--max-connection-age-grace-s", type=float,
         default=_env(env, "CHARRNN_MAX_CONNECTION_AGE_GRACE_S", DEFAULTS.max_connection_age_grace_s),
         help="time RPCs in flight get after --max-connection-age-s (env CHARRNN_MAX_CONNECTION_AGE_GRACE_S)")
+    add("--workers", type=_workers, default=_env(env, "CHARRNN_WORKERS", DEFAULTS.workers),
+        help="server processes sharing the port (SO_REUSEPORT), each with its own sessions and batcher, under a "
+             "supervisor that restarts a dead one and forwards SIGTERM/SIGHUP; auto: one per usable core. "
+             "Connections, not requests, are spread over them (env CHARRNN_WORKERS)")
+    add("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -250,7 +272,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         parser.error(f"--log-level / CHARRNN_LOG_LEVEL: unknown level {args.log_level!r}")
     for name in ("max_words", "max_word_length", "max_message_bytes", "max_batch_words", "max_queue_words",
-                 "run_threads", "keep_versions", "max_concurrent_streams"):
+                 "run_threads", "keep_versions", "max_concurrent_streams", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0:

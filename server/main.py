@@ -1,4 +1,6 @@
-"""charrnn-server: load the repository, serve gRPC with health and reflection, stop gracefully on SIGTERM/SIGINT."""
+"""charrnn-server: load the repository, serve gRPC with health and reflection, stop gracefully on SIGTERM/SIGINT.
+
+With --workers N > 1, main() hands over to server/supervisor.py, which runs N of these processes on one port."""
 
 from __future__ import annotations
 
@@ -191,6 +193,11 @@ async def serve(config: ServerConfig) -> None:
     if config.port_file is not None:
         config.port_file.write_text(json.dumps({"port": running.port, "metrics_port": running.metrics_port}))
     await stop.wait()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Stopping already: a second stop signal (Ctrl-C reaches a supervisor's workers directly and forwarded)
+        # must not kill the process once the loop's handlers are gone, after the drain.
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
     logger.info("signal received: draining for up to %.1f s", config.grace_seconds)
     if poller is not None:
         poller.cancel()
@@ -211,7 +218,12 @@ async def _poll(rescan: ReloadHook | None, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit 0 after a graceful stop, 1 if the repository or device is unusable."""
     config = parse_config(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    who = "" if config.worker_index is None else f"[worker {config.worker_index}] "
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+    if config.workers > 1:
+        from server.supervisor import supervise
+
+        return supervise(config, sys.argv[1:] if argv is None else list(argv))
     try:
         asyncio.run(serve(config))
     except (ManifestError, DeviceUnavailableError, OSError, CredentialsError, TokenFileError) as error:

@@ -401,3 +401,24 @@ def test_grpc_options_state_the_resource_bounds_in_grpcs_units() -> None:
     assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 1000
     defaults = dict(DEFAULTS.grpc_options())
     assert defaults["grpc.max_connection_idle_ms"] == 600000 and "grpc.max_connection_age_ms" not in defaults
+
+
+def test_workers_flag_environment_and_auto() -> None:
+    import os
+
+    assert parse_config([], {}).workers == DEFAULTS.workers
+    assert parse_config(["--workers", "3"], {}).workers == 3
+    assert parse_config([], {"CHARRNN_WORKERS": "2"}).workers == 2
+    assert parse_config([], {"CHARRNN_WORKERS": "auto"}).workers == len(os.sched_getaffinity(0))
+    assert parse_config(["--workers", "auto"], {"CHARRNN_WORKERS": "5"}).workers == len(os.sched_getaffinity(0))
+    with pytest.raises(SystemExit):
+        parse_config(["--workers", "0"], {})
+    with pytest.raises(SystemExit):
+        parse_config(["--workers", "many"], {})
+    assert "--worker-index" not in build_parser({}).format_help()  # set by the supervisor only
+
+
+def test_only_a_supervisors_workers_share_the_port() -> None:
+    assert dict(parse_config([], {}).grpc_options())["grpc.so_reuseport"] == 0
+    assert dict(parse_config(["--workers", "4"], {}).grpc_options())["grpc.so_reuseport"] == 0  # the supervisor
+    assert dict(parse_config(["--worker-index", "1"], {}).grpc_options())["grpc.so_reuseport"] == 1
