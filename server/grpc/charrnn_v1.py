@@ -28,7 +28,7 @@ from server.core.admission import ByteBudget
 from server.core.engine import Engine, VersionState
 from server.core.errors import ModelsLoadingError, ServiceError
 from server.core.runtime import ModelRuntime
-from server.grpc.charrnn_v1_codec import encode_response, initial_state
+from server.grpc.charrnn_v1_codec import encode_response, initial_state, result_fields
 from server.grpc.observed import ANSWERED_VERSION, RpcRecorder, admit, raising
 from server.grpc.status import abort, status_code
 from server.metrics import Metrics
@@ -199,7 +199,7 @@ class CharRnnService:
         words_per_request.observe(len(request.words))
         if rows.stats is not None:
             queue_seconds.observe(rows.stats.queue_s)
-        return encode_response(rows, started)
+        return encode_response(rows, started, result_fields(request.fields))
 
     def _metadata(self, model: ModelRuntime) -> pb.ModelMetadata:
         manifest = model.manifest
