@@ -83,6 +83,9 @@ class ServerConfig:
     """Close (GOAWAY) connections older than this, so clients reconnect and rebalance; 0: never."""
     max_connection_age_grace_s: float = 30.0
     """After max_connection_age, how long RPCs in flight get to finish."""
+    inline_max_us: float = 100.0
+    """Runs predicted (per model, by batch size) to take at most this many microseconds run on the event loop
+    instead of onnxruntime's thread, whose hand-off costs more than such a run; 0: never (server/core/inline.py)."""
     workers: int = 1
     """Server processes sharing the port (SO_REUSEPORT) under one supervisor (server/supervisor.py); 1: this
     process serves alone."""
@@ -131,7 +134,8 @@ class ServerConfig:
     def engine_settings(self) -> EngineSettings:
         """Everything server.core.engine.load_engine needs besides the repository."""
         return EngineSettings(
-            self.device, self.run_threads, self.limits(), self.batch_settings(), keep_versions=self.keep_versions
+            self.device, self.run_threads, self.limits(), self.batch_settings(), keep_versions=self.keep_versions,
+            inline_max_s=self.inline_max_us / 1e6,
         )
 
 
@@ -250,6 +254,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--max-connection-age-grace-s", type=float,
         default=_env(env, "CHARRNN_MAX_CONNECTION_AGE_GRACE_S", DEFAULTS.max_connection_age_grace_s),
         help="time RPCs in flight get after --max-connection-age-s (env CHARRNN_MAX_CONNECTION_AGE_GRACE_S)")
+    add("--inline-max-us", type=float, default=_env(env, "CHARRNN_INLINE_MAX_US", DEFAULTS.inline_max_us),
+        help="runs predicted to take at most this many microseconds (a per-model moving average by batch size) "
+             "run on the event loop, skipping the hand-off to onnxruntime's thread; never a batch size not yet "
+             "seen or one averaging over 1 ms; 0: every run on onnxruntime's thread (env CHARRNN_INLINE_MAX_US)")
     add("--workers", type=_workers, default=_env(env, "CHARRNN_WORKERS", DEFAULTS.workers),
         help="server processes sharing the port (SO_REUSEPORT), each with its own sessions and batcher, under a "
              "supervisor that restarts a dead one and forwards SIGTERM/SIGHUP; auto: one per usable core. "
@@ -275,8 +283,8 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
                  "run_threads", "keep_versions", "max_concurrent_streams", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0:
-        parser.error("--grace-seconds, --max-queue-delay-ms and --poll-seconds cannot be negative")
+    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0 or args.inline_max_us < 0:
+        parser.error("--grace-seconds, --max-queue-delay-ms, --poll-seconds and --inline-max-us cannot be negative")
     for name in ("watch_interval_s", "keepalive_min_ping_interval_s", "max_connection_idle_s",
                  "max_connection_age_s", "max_connection_age_grace_s"):
         if getattr(args, name) < 0:

@@ -190,10 +190,11 @@ def test_defaults_with_an_empty_environment() -> None:
 def test_the_config_builds_the_cores_settings() -> None:
     config = parse_config(["--max-words", "7", "--max-word-length", "9", "--max-batch-words", "11",
                            "--max-queue-delay-ms", "1.5", "--max-queue-words", "13", "--run-threads", "2",
-                           "--device", "cpu", "--keep-versions", "3"], {})
+                           "--device", "cpu", "--keep-versions", "3", "--inline-max-us", "50"], {})
     settings = config.engine_settings()
     assert settings == EngineSettings(
-        "cpu", 2, Limits(max_words=7, max_word_length=9), BatchSettings(11, 0.0015, 13), keep_versions=3
+        "cpu", 2, Limits(max_words=7, max_word_length=9), BatchSettings(11, 0.0015, 13), keep_versions=3,
+        inline_max_s=50e-6,
     )
     assert parse_config(["--no-batching"], {}).engine_settings().batching is None
 
