@@ -10,7 +10,8 @@ import argparse
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,10 @@ class ServerConfig:
     inline_max_us: float = 100.0
     """Runs predicted (per model, by batch size) to take at most this many microseconds run on the event loop
     instead of onnxruntime's thread, whose hand-off costs more than such a run; 0: never (server/core/inline.py)."""
-    workers: int = 1
+    workers: int = field(default_factory=lambda: usable_cores())
     """Server processes sharing the port (SO_REUSEPORT) under one supervisor (server/supervisor.py); 1: this
-    process serves alone."""
+    process serves alone. Default (auto): one per usable core, the fastest measured on a 2-core machine
+    (docs/performance.md#workers)."""
     worker_index: int | None = None
     """Set by the supervisor on the processes it starts (a hidden flag): this one is worker N of several."""
 
@@ -139,9 +141,21 @@ class ServerConfig:
         )
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask, which taskset and cpusets narrow; not a CFS quota)."""
-    return len(os.sched_getaffinity(0))
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota ("max 100000" or "QUOTA PERIOD"): what a container's --cpus or a pod's limit sets."""
+
+
+def usable_cores(cpu_max: Path = CPU_MAX) -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), lowered to the cgroup's CPU quota
+    rounded up (a container's --cpus, a Kubernetes CPU limit), at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity mask alone
+    return max(1, cores)
 
 
 def _workers(value: str) -> int:

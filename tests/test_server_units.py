@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.config import DEFAULTS, ServerConfig, build_parser, parse_config
+from server.config import DEFAULTS, ServerConfig, build_parser, parse_config, usable_cores
 from server.core.alphabet import Alphabet, WordIndices, one_hot_batch
 from server.core.batcher import BatchSettings
 from server.core.engine import EngineSettings, Limits
@@ -407,16 +407,30 @@ def test_grpc_options_state_the_resource_bounds_in_grpcs_units() -> None:
 def test_workers_flag_environment_and_auto() -> None:
     import os
 
-    assert parse_config([], {}).workers == DEFAULTS.workers
+    assert parse_config([], {}).workers == DEFAULTS.workers == usable_cores()
     assert parse_config(["--workers", "3"], {}).workers == 3
     assert parse_config([], {"CHARRNN_WORKERS": "2"}).workers == 2
-    assert parse_config([], {"CHARRNN_WORKERS": "auto"}).workers == len(os.sched_getaffinity(0))
-    assert parse_config(["--workers", "auto"], {"CHARRNN_WORKERS": "5"}).workers == len(os.sched_getaffinity(0))
+    assert parse_config([], {"CHARRNN_WORKERS": "auto"}).workers == usable_cores()
+    assert parse_config(["--workers", "auto"], {"CHARRNN_WORKERS": "5"}).workers == usable_cores()
     with pytest.raises(SystemExit):
         parse_config(["--workers", "0"], {})
     with pytest.raises(SystemExit):
         parse_config(["--workers", "many"], {})
     assert "--worker-index" not in build_parser({}).format_help()  # set by the supervisor only
+
+
+def test_usable_cores_honours_the_affinity_mask_and_a_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cores(tmp_path / "absent") == affinity
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == affinity
+    cpu_max.write_text("150000 100000\n")  # --cpus 1.5: two workers, if the mask allows two
+    assert usable_cores(cpu_max) == min(affinity, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
 
 
 def test_only_a_supervisors_workers_share_the_port() -> None:
