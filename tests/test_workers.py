@@ -204,3 +204,21 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, result.stderr
     assert "charrnn-server: cannot start: worker" in result.stderr and "during start-up" in result.stderr, result.stderr
+
+
+def test_loadgen_connections_reach_every_worker(model_repository: Path, tmp_path: Path) -> None:
+    """charrnn-loadgen --connections: one process, several TCP connections, so the load spreads over workers."""
+    from clients.loadgen.config import LoadConfig
+    from clients.loadgen.fanout import run_load
+
+    server = start_server(model_repository, tmp_path, "--workers", "2")
+    try:
+        seen: list[list[int]] = []
+        sampler = threading.Timer(1.0, lambda: seen.append(connections_per_worker(server)))
+        sampler.start()
+        result = run_load(LoadConfig(server.target, "lstm", concurrency=16, duration_s=2.0, warmup_s=0.2, connections=8))
+        sampler.join()
+        assert result.errors == {} and result.requests > 0
+        assert seen and len(seen[0]) == 2 and min(seen[0]) > 0, f"connections per worker: {seen}"
+    finally:
+        assert server.stop() == 0, server.log()

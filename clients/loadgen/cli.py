@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--processes", type=int, default=1, help="spread the workers over this many processes")
     add("--timeout", type=float, default=120.0, help="per-RPC deadline in seconds")
     add("--seed", type=int, default=0, help="seed of the random words")
+    add("--connections", type=int, default=1,
+        help="TCP connections per process, the workers dealt round-robin over them: a server's --workers "
+             "share connections out, not requests, so one connection reaches one worker")
     add("--fields", type=_fields, default=None, metavar="LIST",
         help="arrays each request asks for, comma-separated: outputs, hidden, cell (default: all)")
     add("--json", action="store_true", help="print the result as JSON")
@@ -88,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         security=security,
         fields=args.fields,
+        connections=args.connections,
     )
     try:
         result = run_load(config)

@@ -34,6 +34,8 @@ class LoadConfig:
     """TLS and token (picklable: spawned load processes connect the same way)."""
     fields: tuple[str, ...] | None = None
     """The arrays each request asks for (clients.client.FIELDS; None: all)."""
+    connections: int = 1
+    """TCP connections per process (a server's --workers spread connections, not requests)."""
 
     @property
     def mode(self) -> str:
