@@ -222,3 +222,14 @@ def test_loadgen_connections_reach_every_worker(model_repository: Path, tmp_path
         assert seen and len(seen[0]) == 2 and min(seen[0]) > 0, f"connections per worker: {seen}"
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(model_repository: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no chance to forward anything: its workers notice and stop by themselves."""
+    server = start_server(model_repository, tmp_path, "--workers", "2")
+    orphans = workers(server)
+    server.process.kill()
+    server.process.wait(10)
+    _gone, alive = psutil.wait_procs(orphans, timeout=DEADLINE_S)
+    assert not alive, f"workers still running: {[p.pid for p in alive]}"
+    assert server.log().count("the supervisor (pid") == 2, server.log()
