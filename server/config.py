@@ -89,8 +89,8 @@ class ServerConfig:
     instead of onnxruntime's thread, whose hand-off costs more than such a run; 0: never (server/core/inline.py)."""
     workers: int = field(default_factory=lambda: usable_cores())
     """Server processes sharing the port (SO_REUSEPORT) under one supervisor (server/supervisor.py); 1: this
-    process serves alone. Default (auto): one per usable core, the fastest measured on a 2-core machine
-    (docs/performance.md#workers)."""
+    process serves alone. Default (auto): one per usable core, the fastest measured on a 2-core machine with
+    one connection per request in flight (README, **Workers**)."""
     worker_index: int | None = None
     """Set by the supervisor on the processes it starts (a hidden flag): this one is worker N of several."""
 
