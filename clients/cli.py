@@ -38,7 +38,7 @@ from typing import TextIO  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 
-from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding  # noqa: E402
+from clients.client import DEFAULT_TIMEOUT_S, CharRnnClient, CharRnnError, Encoding, parse_fields  # noqa: E402
 from clients.errors import is_request_error  # noqa: E402
 from clients.security import ClientSecurity, ClientSecurityError, add_arguments  # noqa: E402
 
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--json", action="store_true", help="print JSON instead of a table")
     encode.add_argument("--version", type=int, default=0, metavar="N",
                         help="encode with this loaded version of the model (default: the model's default version)")
+    encode.add_argument("--fields", type=_fields, default=None, metavar="LIST",
+                        help="arrays to ask for, comma-separated: outputs, hidden, cell (default: all)")
     encode.add_argument("words", nargs="*", metavar="WORD", help="words to encode (default: one per line from stdin)")
 
     models = commands.add_parser("models", help="list the server's models", description="List the server's models.")
@@ -110,6 +112,13 @@ def read_words(stream: TextIO) -> list[str]:
 # ---- formatting -------------------------------------------------------------------------------------------------
 
 
+def _fields(text: str) -> tuple[str, ...]:
+    try:
+        return parse_fields(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _numbers(values: npt.NDArray[np.float32]) -> str:
     return "  ".join(f"{float(value):+.{DECIMALS}f}" for value in values)
 
@@ -120,10 +129,12 @@ def format_encoding(model: str, encoding: Encoding) -> str:
     lines = [f"{model}: {word!r}, length {len(word)}"]
     labels = [f"{index:>3} {char!r}" for index, char in enumerate(word)]
     width = max([len(label) for label in labels] + [len("layer 00")])
-    lines.append("  outputs (per character)")
-    lines += [f"    {label:<{width}}  {_numbers(row)}" for label, row in zip(labels, encoding.outputs, strict=True)]
-    lines.append("  hidden (final, per layer)")
-    lines += [f"    {f'layer {layer}':<{width}}  {_numbers(row)}" for layer, row in enumerate(encoding.hidden)]
+    if encoding.outputs is not None:
+        lines.append("  outputs (per character)")
+        lines += [f"    {label:<{width}}  {_numbers(row)}" for label, row in zip(labels, encoding.outputs, strict=True)]
+    if encoding.hidden is not None:
+        lines.append("  hidden (final, per layer)")
+        lines += [f"    {f'layer {layer}':<{width}}  {_numbers(row)}" for layer, row in enumerate(encoding.hidden)]
     if encoding.cell is not None:
         lines.append("  cell (final, per layer)")
         lines += [f"    {f'layer {layer}':<{width}}  {_numbers(row)}" for layer, row in enumerate(encoding.cell)]
@@ -144,7 +155,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _encode(client: CharRnnClient, args: argparse.Namespace) -> int:
     words: list[str] = args.words if args.words else read_words(sys.stdin)
-    encodings = client.encode(args.model, words, version=args.version)
+    encodings = client.encode(args.model, words, version=args.version, fields=args.fields)
     if args.json:
         print(json.dumps({"model": args.model, "results": [encoding.to_json() for encoding in encodings]}))
     else:

@@ -56,14 +56,35 @@ SERVICE_CONFIG: dict[str, Any] = {
 }
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
-    """Channel options shared by the sync and asyncio clients."""
-    return [
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, own_connection: bool = False) -> list[tuple[str, Any]]:
+    """Channel options shared by the sync and asyncio clients. own_connection: a TCP connection of this channel's
+    own (gRPC otherwise shares one between the channels of a process to the same target): a server's
+    --workers spread connections, not requests."""
+    options: list[tuple[str, Any]] = [
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return options
+
+
+FIELDS = ("outputs", "hidden", "cell")
+"""The arrays a request can ask for (EncodeRequest.fields; all of them by default)."""
+_FIELD_ENUMS = {"outputs": pb.RESULT_FIELD_OUTPUTS, "hidden": pb.RESULT_FIELD_HIDDEN, "cell": pb.RESULT_FIELD_CELL}
+
+
+def parse_fields(text: str) -> tuple[str, ...]:
+    """A --fields value, e.g. "hidden" or "outputs,hidden", as names of FIELDS; "all" (or empty) is all of them."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or names == ("all",):
+        return FIELDS
+    unknown = [name for name in names if name not in FIELDS]
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}: choose from {', '.join(FIELDS)} (or all)")
+    return names
 
 
 # ---- values -----------------------------------------------------------------------------------------------------
@@ -79,11 +100,12 @@ class State:
 
 @dataclass(frozen=True, slots=True)
 class Encoding:
-    """One word's results; `error` is set (and arrays are empty) only for a reported bad word."""
+    """One word's results; `error` is set (and arrays are empty) only for a reported bad word. An array the
+    request's `fields` left out is None."""
 
     word: str
-    outputs: npt.NDArray[np.float32]  # [length, hidden_size]
-    hidden: npt.NDArray[np.float32]  # [num_layers, hidden_size]
+    outputs: npt.NDArray[np.float32] | None  # [length, hidden_size]
+    hidden: npt.NDArray[np.float32] | None  # [num_layers, hidden_size]
     cell: npt.NDArray[np.float32] | None  # [num_layers, hidden_size], LSTM only
     error: str = ""
     version: int = 0
@@ -91,19 +113,21 @@ class Encoding:
 
     @property
     def state(self) -> State:
-        """The final state, to pass as the initial state of the word's continuation."""
+        """The final state, to pass as the initial state of the word's continuation (needs `hidden`)."""
+        if self.hidden is None:
+            raise ValueError(f"{self.word!r}: the hidden state was not requested (fields)")
         return State(self.hidden, self.cell)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON shape the CLI and batch job print: word, version, outputs, hidden, cell (LSTM only); or word
-        and error."""
+        """The JSON shape the CLI and batch job print: word, version, outputs, hidden, cell (LSTM only), each
+        array only if requested; or word and error."""
         if self.error:
             return {"word": self.word, "error": self.error}
-        record: dict[str, Any] = {
-            "word": self.word, "version": self.version, "outputs": self.outputs.tolist(), "hidden": self.hidden.tolist()
-        }
-        if self.cell is not None:
-            record["cell"] = self.cell.tolist()
+        record: dict[str, Any] = {"word": self.word, "version": self.version}
+        for name in FIELDS:
+            array = getattr(self, name)
+            if array is not None:
+                record[name] = array.tolist()
         return record
 
 
@@ -188,6 +212,8 @@ class EncodeRequest:
     """Report a bad word in its own Encoding (the stream's default) instead of failing the whole stream."""
     version: int = 0
     """The model version to use; 0: the model's default (its highest loaded version)."""
+    fields: Sequence[str] | None = None
+    """The arrays to send back (names of FIELDS); None: all of them."""
 
 
 # ---- wire format ------------------------------------------------------------------------------------------------
@@ -199,10 +225,17 @@ def build_request(
     states: Sequence[State | None] | None = None,
     report_invalid: bool | None = None,
     version: int = 0,
+    fields: Sequence[str] | None = None,
 ) -> pb.EncodeRequest:
     """An EncodeRequest message; states, if given, are one per word (None for a fresh start, sent empty);
-    version 0 asks for the model's default version."""
+    version 0 asks for the model's default version; fields (names of FIELDS), the arrays to send back
+    (None or all of them: nothing is sent, which the server reads as all)."""
     request = pb.EncodeRequest(model=model, words=words, version=version)
+    if fields is not None and set(fields) != set(FIELDS):
+        unknown = [name for name in fields if name not in _FIELD_ENUMS]
+        if unknown or not fields:
+            raise ValueError(f"fields must name some of {', '.join(FIELDS)}, not {list(fields)}")
+        request.fields.extend(_FIELD_ENUMS[name] for name in fields)
     if states is not None:
         if len(states) != len(words):
             raise ValueError(f"{len(states)} states for {len(words)} words: give one per word")
@@ -226,11 +259,12 @@ def parse_response(response: pb.EncodeResponse) -> list[Encoding]:
             empty = np.zeros((0, hidden), dtype=np.float32)  # no state: zeros could pass for a real one
             encodings.append(Encoding(result.word, empty, empty, None, result.error, version))
             continue
+        # An array left out (EncodeRequest.fields) arrives empty; a good word's arrays never are.
         encodings.append(
             Encoding(
                 result.word,
-                np.asarray(result.outputs, dtype=np.float32).reshape(result.length, hidden),
-                np.asarray(result.hidden, dtype=np.float32).reshape(layers, hidden),
+                np.asarray(result.outputs, dtype=np.float32).reshape(result.length, hidden) if len(result.outputs) else None,
+                np.asarray(result.hidden, dtype=np.float32).reshape(layers, hidden) if len(result.hidden) else None,
                 np.asarray(result.cell, dtype=np.float32).reshape(layers, hidden) if len(result.cell) else None,
                 version=version,
             )
@@ -309,7 +343,9 @@ class _ClientCore:
         return states is not None and request.model not in self._shapes and any(state is None for state in states)
 
     def _message(self, request: EncodeRequest) -> pb.EncodeRequest:
-        message = build_request(request.model, request.words, request.states, request.report_invalid, request.version)
+        message = build_request(
+            request.model, request.words, request.states, request.report_invalid, request.version, request.fields
+        )
         if request.states is not None and any(state is None for state in request.states):
             layers, hidden = self._shapes[request.model]
             for state in message.initial_states:
@@ -342,9 +378,9 @@ class CharRnnClient(_ClientCore):
 
     def __init__(
         self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
-        security: ClientSecurity = PLAINTEXT,
+        security: ClientSecurity = PLAINTEXT, own_connection: bool = False,
     ) -> None:
-        channel = security.channel(target, channel_options(max_message_bytes))
+        channel = security.channel(target, channel_options(max_message_bytes, own_connection))
         super().__init__(target, timeout, channel, security)
 
     def __enter__(self) -> CharRnnClient:
@@ -365,10 +401,12 @@ class CharRnnClient(_ClientCore):
         *,
         report_invalid: bool = False,
         version: int = 0,
+        fields: Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> list[Encoding]:
-        """Encode words with a model (its default version, or `version`); one Encoding per word, in order."""
-        message = self._request(EncodeRequest(model, words, states, report_invalid, version), timeout)
+        """Encode words with a model (its default version, or `version`); one Encoding per word, in order, with
+        the arrays `fields` names (of FIELDS; None: all), the others None."""
+        message = self._request(EncodeRequest(model, words, states, report_invalid, version, fields), timeout)
         return parse_response(self._call(self._stub.Encode, message, timeout))
 
     def encode_stream(self, requests: Iterable[EncodeRequest], *, timeout: float | None = None) -> Iterator[list[Encoding]]:
@@ -423,9 +461,9 @@ class AsyncCharRnnClient(_ClientCore):
 
     def __init__(
         self, target: str, timeout: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
-        security: ClientSecurity = PLAINTEXT,
+        security: ClientSecurity = PLAINTEXT, own_connection: bool = False,
     ) -> None:
-        channel = security.aio_channel(target, channel_options(max_message_bytes))
+        channel = security.aio_channel(target, channel_options(max_message_bytes, own_connection))
         super().__init__(target, timeout, channel, security)
 
     async def __aenter__(self) -> AsyncCharRnnClient:
@@ -448,10 +486,12 @@ class AsyncCharRnnClient(_ClientCore):
         *,
         report_invalid: bool = False,
         version: int = 0,
+        fields: Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> list[Encoding]:
-        """Encode words with a model (its default version, or `version`); one Encoding per word, in order."""
-        message = await self._request(EncodeRequest(model, words, states, report_invalid, version), timeout)
+        """Encode words with a model (its default version, or `version`); one Encoding per word, in order, with
+        the arrays `fields` names (of FIELDS; None: all), the others None."""
+        message = await self._request(EncodeRequest(model, words, states, report_invalid, version, fields), timeout)
         return parse_response(await self._call(self._stub.Encode, message, timeout))
 
     async def encode_stream(

@@ -10,7 +10,8 @@ import argparse
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ class ServerConfig:
     """Close (GOAWAY) connections older than this, so clients reconnect and rebalance; 0: never."""
     max_connection_age_grace_s: float = 30.0
     """After max_connection_age, how long RPCs in flight get to finish."""
+    inline_max_us: float = 100.0
+    """Runs predicted (per model, by batch size) to take at most this many microseconds run on the event loop
+    instead of onnxruntime's thread, whose hand-off costs more than such a run; 0: never (server/core/inline.py)."""
+    workers: int = field(default_factory=lambda: usable_cores())
+    """Server processes sharing the port (SO_REUSEPORT) under one supervisor (server/supervisor.py); 1: this
+    process serves alone. Default (auto): one per usable core, the fastest measured on a 2-core machine with
+    one connection per request in flight (README, **Workers**)."""
+    worker_index: int | None = None
+    """Set by the supervisor on the processes it starts (a hidden flag): this one is worker N of several."""
 
     @property
     def tls(self) -> bool:
@@ -95,7 +105,8 @@ class ServerConfig:
         options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Only a supervisor's workers share the port; a lone server must fail on a taken port, not split it.
+            ("grpc.so_reuseport", 0 if self.worker_index is None else 1),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
             ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.keepalive_min_ping_interval_s)),
             ("grpc.http2.max_ping_strikes", 2),
@@ -125,8 +136,32 @@ class ServerConfig:
     def engine_settings(self) -> EngineSettings:
         """Everything server.core.engine.load_engine needs besides the repository."""
         return EngineSettings(
-            self.device, self.run_threads, self.limits(), self.batch_settings(), keep_versions=self.keep_versions
+            self.device, self.run_threads, self.limits(), self.batch_settings(), keep_versions=self.keep_versions,
+            inline_max_s=self.inline_max_us / 1e6,
         )
+
+
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota ("max 100000" or "QUOTA PERIOD"): what a container's --cpus or a pod's limit sets."""
+
+
+def usable_cores(cpu_max: Path = CPU_MAX) -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), lowered to the cgroup's CPU quota
+    rounded up (a container's --cpus, a Kubernetes CPU limit), at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity mask alone
+    return max(1, cores)
+
+
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return usable_cores()
+    return int(value)
 
 
 def _ms(seconds: float) -> int:
@@ -233,6 +268,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--max-connection-age-grace-s", type=float,
         default=_env(env, "CHARRNN_MAX_CONNECTION_AGE_GRACE_S", DEFAULTS.max_connection_age_grace_s),
         help="time RPCs in flight get after --max-connection-age-s (env CHARRNN_MAX_CONNECTION_AGE_GRACE_S)")
+    add("--inline-max-us", type=float, default=_env(env, "CHARRNN_INLINE_MAX_US", DEFAULTS.inline_max_us),
+        help="runs predicted to take at most this many microseconds (a per-model moving average by batch size) "
+             "run on the event loop, skipping the hand-off to onnxruntime's thread; never a batch size not yet "
+             "seen or one averaging over 1 ms; 0: every run on onnxruntime's thread (env CHARRNN_INLINE_MAX_US)")
+    add("--workers", type=_workers, default=_env(env, "CHARRNN_WORKERS", DEFAULTS.workers),
+        help="server processes sharing the port (SO_REUSEPORT), each with its own sessions and batcher, under a "
+             "supervisor that restarts a dead one and forwards SIGTERM/SIGHUP; auto: one per usable core. "
+             "Connections, not requests, are spread over them (env CHARRNN_WORKERS)")
+    add("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -250,11 +294,11 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         parser.error(f"--log-level / CHARRNN_LOG_LEVEL: unknown level {args.log_level!r}")
     for name in ("max_words", "max_word_length", "max_message_bytes", "max_batch_words", "max_queue_words",
-                 "run_threads", "keep_versions", "max_concurrent_streams"):
+                 "run_threads", "keep_versions", "max_concurrent_streams", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0:
-        parser.error("--grace-seconds, --max-queue-delay-ms and --poll-seconds cannot be negative")
+    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0 or args.inline_max_us < 0:
+        parser.error("--grace-seconds, --max-queue-delay-ms, --poll-seconds and --inline-max-us cannot be negative")
     for name in ("watch_interval_s", "keepalive_min_ping_interval_s", "max_connection_idle_s",
                  "max_connection_age_s", "max_connection_age_grace_s"):
         if getattr(args, name) < 0:

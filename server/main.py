@@ -1,10 +1,13 @@
-"""charrnn-server: load the repository, serve gRPC with health and reflection, stop gracefully on SIGTERM/SIGINT."""
+"""charrnn-server: load the repository, serve gRPC with health and reflection, stop gracefully on SIGTERM/SIGINT.
+
+With --workers N > 1, main() hands over to server/supervisor.py, which runs N of these processes on one port."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -32,6 +35,9 @@ logger = logging.getLogger(__name__)
 OVERALL = ""  # the health service's name for the server as a whole
 SERVICES = (SERVICE_NAME, kserve_v2.SERVICE_NAME)
 """The front ends on the one port (charrnn.v1 and the Open Inference Protocol), each with a health status."""
+
+SUPERVISOR_CHECK_S = 1.0
+"""How often a worker checks that its supervisor is still there."""
 
 ReloadHook = Callable[[], Awaitable[None]]
 """Re-reads one kind of state (certificates, tokens, the model repository) on SIGHUP; raises if it cannot,
@@ -194,12 +200,30 @@ async def serve(config: ServerConfig) -> None:
     poller = asyncio.ensure_future(_poll(running.rescan_repository, config.poll_seconds)) if config.poll_seconds > 0 else None
     if config.port_file is not None:
         config.port_file.write_text(json.dumps({"port": running.port, "metrics_port": running.metrics_port}))
+    orphaned = asyncio.ensure_future(_watch_supervisor(stop)) if config.worker_index is not None else None
     await stop.wait()
+    if orphaned is not None:
+        orphaned.cancel()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Stopping already: a second stop signal (Ctrl-C reaches a supervisor's workers directly and forwarded)
+        # must not kill the process once the loop's handlers are gone, after the drain.
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
     logger.info("signal received: draining for up to %.1f s", config.grace_seconds)
     if poller is not None:
         poller.cancel()
     await running.stop(config.grace_seconds)
     logger.info("stopped")
+
+
+async def _watch_supervisor(stop: asyncio.Event) -> None:
+    """A worker whose supervisor is gone (killed outright, so it forwarded nothing) drains and exits as on
+    SIGTERM rather than serve on, orphaned, on a port nobody manages."""
+    supervisor = os.getppid()
+    while os.getppid() == supervisor:
+        await asyncio.sleep(SUPERVISOR_CHECK_S)
+    logger.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+    stop.set()
 
 
 async def _poll(rescan: ReloadHook | None, seconds: float) -> None:
@@ -215,7 +239,12 @@ async def _poll(rescan: ReloadHook | None, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit 0 after a graceful stop, 1 if the repository or device is unusable."""
     config = parse_config(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    who = "" if config.worker_index is None else f"[worker {config.worker_index}] "
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+    if config.workers > 1:
+        from server.supervisor import supervise
+
+        return supervise(config, sys.argv[1:] if argv is None else list(argv))
     try:
         asyncio.run(serve(config))
     except (ManifestError, DeviceUnavailableError, OSError, CredentialsError, TokenFileError) as error:

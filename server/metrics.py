@@ -6,14 +6,26 @@ dozen-odd buckets, so a version label would multiply them by every version ever 
 
 They are also the source of the Open Inference Protocol's ModelStatistics: model_counts() reads one model's
 totals back from the same registry, so /metrics and ModelStatistics can never disagree.
+
+With --workers N (server/supervisor.py) every worker runs in prometheus_client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor before a worker starts): each process writes its values to
+files there, the supervisor serves their sum on the one metrics port (multiprocess_registry()), and
+model_counts() reads that same sum, so ModelStatistics reports the whole server (every worker, dead ones'
+counts included) whichever worker answers it, and still agrees with /metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+"""Set (by the supervisor) in a worker's environment: its metrics go to files there, summed over workers."""
 
 INFERENCE_METHODS = ("Encode", "EncodeStream", "ModelInfer", "ModelStreamInfer")
 """The RPCs (method label) that run a model, in both protocols: what a model's request counts add up."""
@@ -27,6 +39,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+        self.totals = self.registry if multiprocess_dir is None else multiprocess_registry(multiprocess_dir)
+        """Where model_counts() reads: this registry alone, or with workers the sum over every worker."""
+        self._shown: set[tuple[str, str, str]] = set()
+        self._shown_defaults: set[str] = set()
         self.requests = Counter(
             "charrnn_requests", "RPCs handled, by method, model, the version that answered and gRPC status code.",
             ["method", "model", "version", "code"], registry=self.registry,
@@ -59,11 +76,11 @@ class Metrics:
         self.provider = Gauge(
             "charrnn_execution_provider",
             "1 for the onnxruntime execution provider actually running each loaded model version.",
-            ["model", "version", "provider"], registry=self.registry,
+            ["model", "version", "provider"], registry=self.registry, multiprocess_mode="livemax",
         )
         self.default_version = Gauge(
             "charrnn_model_default_version", "The version requests without a version get, per model.",
-            ["model"], registry=self.registry,
+            ["model"], registry=self.registry, multiprocess_mode="livemax",
         )
         self.load_failures = Counter(
             "charrnn_model_load_failures", "Model versions refused while reloading (bad sha256, broken ONNX, ...).",
@@ -71,7 +88,7 @@ class Metrics:
         )
         self.last_run = Gauge(
             "charrnn_last_run_timestamp_seconds", "Unix time at which each model's last onnxruntime run ended.",
-            ["model"], registry=self.registry,
+            ["model"], registry=self.registry, multiprocess_mode="max",
         )
 
     def observe_run(self, model: str, words: int, seconds: float) -> None:
@@ -84,7 +101,7 @@ class Metrics:
         """One model's totals since start-up, read back from the metrics (not kept twice)."""
         ok = failed = 0
         request_seconds = 0.0
-        for family in self.registry.collect():
+        for family in self.totals.collect():
             if family.name not in ("charrnn_requests", "charrnn_request_seconds"):
                 continue
             for sample in family.samples:
@@ -99,7 +116,7 @@ class Metrics:
                     request_seconds += sample.value
 
         def value(name: str) -> float:
-            return self.registry.get_sample_value(name, {"model": model}) or 0.0
+            return self.totals.get_sample_value(name, {"model": model}) or 0.0
 
         return ModelCounts(
             requests_ok=ok,
@@ -116,13 +133,23 @@ class Metrics:
     def show_versions(self, providers: Mapping[str, Mapping[int, str]], defaults: Mapping[str, int]) -> None:
         """Replace the loaded-version gauges: each model's loaded versions with their provider, and its default
         (an unloaded version's series goes, so the label set stays that of what is loaded)."""
-        self.provider.clear()
-        self.default_version.clear()
-        for model, versions in providers.items():
-            for version, provider in versions.items():
-                self.provider.labels(model, str(version), provider).set(1)
+        shown = {(model, str(version), provider) for model, versions in providers.items()
+                 for version, provider in versions.items()}
+        for labels in self._shown - shown:
+            self._unshow(self.provider, labels)
+        for model in self._shown_defaults - defaults.keys():
+            self._unshow(self.default_version, (model,))
+        self._shown, self._shown_defaults = shown, set(defaults)
+        for labels in shown:
+            self.provider.labels(*labels).set(1)
         for model, version in defaults.items():
             self.default_version.labels(model).set(version)
+
+    def _unshow(self, gauge: Gauge, labels: tuple[str, ...]) -> None:
+        if self.totals is self.registry:
+            gauge.remove(*labels)
+        else:  # multiprocess mode cannot remove a series: zero it (multiprocess_registry() leaves zeros out)
+            gauge.labels(*labels).set(0)
 
     def model_load_failed(self, model: str, version: int, _error: str) -> None:
         """Count one refused model version (server.core.repository.FailureHook)."""
@@ -130,8 +157,36 @@ class Metrics:
 
     def serve(self, port: int, address: str) -> int:
         """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
-        return int(server.server_address[1])
+        return serve_registry(self.registry, port, address)
+
+
+class _LoadedOnly:
+    """The multiprocess sum without the zeroed series of unloaded versions (see Metrics.show_versions)."""
+
+    _DROP_ZEROS = ("charrnn_execution_provider", "charrnn_model_default_version")
+
+    def __init__(self, path: str) -> None:
+        self._collector = MultiProcessCollector(None, path)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._collector.collect():
+            if family.name in self._DROP_ZEROS:
+                family.samples = [sample for sample in family.samples if sample.value != 0]
+            yield family
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry of every worker's metrics summed (counters, histograms) or aggregated (gauges: the live
+    workers' maximum), from the multiprocess directory `path`: what the supervisor serves."""
+    registry = CollectorRegistry()
+    registry.register(_LoadedOnly(path))  # type: ignore[arg-type]
+    return registry
+
+
+def serve_registry(registry: CollectorRegistry, port: int, address: str) -> int:
+    """Expose a registry's /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return int(server.server_address[1])
 
 
 @dataclass(frozen=True, slots=True)

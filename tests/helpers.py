@@ -48,11 +48,14 @@ def start_server(
     security: ClientSecurity = PLAINTEXT,
 ) -> ServerProcess:
     """Start charrnn-server in a subprocess and wait until its health service reports SERVING (checked over
-    `security`: TLS for a TLS server; health needs no token)."""
+    `security`: TLS for a TLS server; health needs no token). One process (--workers 1) unless extra_args
+    ask for more (tests/test_workers.py): most tests are about one server's behaviour, and two workers per
+    test would double the suite's processes on a 2-core machine."""
     port_file = tmp_path / f"ports-{time.monotonic_ns()}.json"
     command = [
         console_script("charrnn-server"), "--repository", str(repository), "--address", "127.0.0.1",
-        "--port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra_args,
+        "--port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", "--workers", "1",
+        *extra_args,
     ]
     server = spawn("charrnn-server", command, port_file, port_file.with_suffix(".log"), timeout, env)
     with security.channel(server.target) as channel:

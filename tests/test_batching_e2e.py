@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import random
+import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
-from clients.client import AsyncCharRnnClient, ResourceExhaustedError
+from clients.client import AsyncCharRnnClient, ResourceExhaustedError, State, build_request, parse_response
 from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.trace import PARITY_TOLERANCE, eager_word
 from server.core.batcher import BatchSettings
 from server.core.engine import Engine, InitialState, Limits, WordEncoding
 from server.core.runtime import ModelRuntime, load_repository
-from tests.helpers import LARGE_ALPHABET, LARGE_MODEL, start_server
+from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from tests.helpers import CHANNEL_OPTIONS, LARGE_ALPHABET, LARGE_MODEL, start_server
 from tests.test_batcher import Recorder, encode_all, max_error, random_traffic
 
 pytestmark = pytest.mark.e2e
@@ -70,6 +74,53 @@ def test_batched_equals_unbatched_equals_eager_on_concurrent_mixed_traffic(
             assert max_error(a, b) <= PARITY_TOLERANCE
             state = request.states[index] if request.states else None
             assert max_error(a, eager(module, runtime, request.words[index], state)) <= PARITY_TOLERANCE
+
+
+def test_two_workers_answer_concurrent_mixed_traffic_exactly_as_eager(
+    model_repository: Path, tmp_path: Path, runtimes: dict[str, ModelRuntime], modules: dict[str, nn.RNNBase]
+) -> None:
+    """--workers 2, batching on: the same mixed traffic over 8 connections of their own (spread over both workers
+    by SO_REUSEPORT), every word equal to eager PyTorch alone; and the runs did merge requests."""
+    requests = random_traffic(runtimes, 7, count=120, models=MODELS)
+    server = start_server(model_repository, tmp_path, "--workers", "2", "--max-batch-words", "64",
+                          "--max-queue-delay-ms", "20")  # so that requests from several connections meet
+
+    async def send_all() -> list[list[object]]:
+        channels = [grpc.aio.insecure_channel(server.target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(8)]
+        try:
+            calls = [
+                pb_grpc.CharRnnStub(channels[index % len(channels)]).Encode(
+                    build_request(r.model, r.words, [State(s.hidden, s.cell) for s in r.states] or None), timeout=60
+                )
+                for index, r in enumerate(requests)
+            ]
+            return [parse_response(response) for response in await asyncio.gather(*calls)]
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    try:
+        answers = asyncio.run(send_all())
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as reply:
+            samples: dict[str, float] = {}
+            for family in text_string_to_metric_families(reply.read().decode()):
+                for sample in family.samples:
+                    if family.name == "charrnn_batch_words" and "le" not in sample.labels:  # summed over models
+                        samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+    finally:
+        assert server.stop() == 0, server.log()
+    for request, encodings in zip(requests, answers, strict=True):
+        runtime, module = runtimes[request.model], modules[request.model]
+        for index, encoding in enumerate(encodings):
+            state = request.states[index] if request.states else None
+            got = WordEncoding(encoding.word, encoding.outputs, encoding.hidden, encoding.cell)  # type: ignore[attr-defined]
+            assert max_error(got, eager(module, runtime, request.words[index], state)) <= PARITY_TOLERANCE
+    # Runs summed over both workers: every word of every request, in fewer runs than requests (merged).
+    assert samples["charrnn_batch_words_sum"] == sum(len(r.words) for r in requests)
+    assert samples["charrnn_batch_words_count"] < len(requests)
+    log = server.log()
+    assert "[worker 0] server.main: serving" in log and "[worker 1] server.main: serving" in log
 
 
 def test_a_burst_against_a_small_queue_gets_some_resource_exhausted_and_the_rest_exact(

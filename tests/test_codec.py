@@ -22,7 +22,15 @@ from proto.charrnn.v1 import charrnn_pb2 as pb
 from server.core.batcher import BatchSettings
 from server.core.engine import Engine, Limits
 from server.core.runtime import ModelRuntime, load_repository
-from server.grpc.charrnn_v1_codec import encode_response, field_tag, initial_state, reference_response
+from server.grpc.charrnn_v1_codec import (
+    ALL_FIELDS,
+    ResultFields,
+    encode_response,
+    field_tag,
+    initial_state,
+    reference_response,
+    result_fields,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -48,8 +56,14 @@ def request_shapes(rng: random.Random, letters: str) -> Iterator[list[str]]:
         yield ["".join(rng.choice(letters) for _ in range(rng.choice([2, 7, 19]))) for _ in range(count)]
 
 
-def encode_all_shapes(runtimes: dict[str, ModelRuntime], model: str) -> list[tuple[bytes, pb.EncodeResponse]]:
-    """(fast-path bytes, reference message) for every request shape."""
+SELECTIONS = [ResultFields(o, h, c) for o in (True, False) for h in (True, False) for c in (True, False)]
+"""Every EncodeRequest.fields selection (ALL_FIELDS first)."""
+
+
+def encode_all_shapes(
+    runtimes: dict[str, ModelRuntime], model: str, fields: ResultFields = ALL_FIELDS
+) -> list[tuple[bytes, pb.EncodeResponse]]:
+    """(fast-path bytes, reference message) for every request shape, with the arrays `fields` selects."""
     rng = random.Random(7)
     letters = runtimes[model].manifest.alphabet
 
@@ -59,20 +73,21 @@ def encode_all_shapes(runtimes: dict[str, ModelRuntime], model: str) -> list[tup
         pairs = []
         for words in request_shapes(rng, letters):
             rows = await engine.encode_rows(model, words, report_invalid=True)
-            data = encode_response(rows, time.perf_counter())
+            data = encode_response(rows, time.perf_counter(), fields)
             total_ms = pb.EncodeResponse.FromString(data).timing.total_ms
-            pairs.append((data, reference_response(rows, total_ms)))
+            pairs.append((data, reference_response(rows, total_ms, fields)))
         await engine.close()
         return pairs
 
     return asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("fields", SELECTIONS, ids=lambda f: f"o{f.outputs:d}h{f.hidden:d}c{f.cell:d}")
 @pytest.mark.parametrize("model", MODELS)
 def test_hand_serialised_response_equals_the_field_by_field_message(
-    runtimes: dict[str, ModelRuntime], model: str
+    runtimes: dict[str, ModelRuntime], model: str, fields: ResultFields
 ) -> None:
-    for data, expected in encode_all_shapes(runtimes, model):
+    for data, expected in encode_all_shapes(runtimes, model, fields):
         response = pb.EncodeResponse.FromString(data)
         assert response.timing.total_ms > 0
         assert response == expected
@@ -113,6 +128,29 @@ def test_the_fast_path_writes_every_field_the_descriptor_has(runtimes: dict[str,
             f"{descriptor.name}: the .proto declares {sorted(declared)}, the codec writes "
             f"{sorted(seen.get(descriptor.name, set()))}: add the field to server/grpc/charrnn_v1_codec.py"
         )
+
+
+@pytest.mark.parametrize("fields", SELECTIONS[1:], ids=lambda f: f"o{f.outputs:d}h{f.hidden:d}c{f.cell:d}")
+def test_a_selection_writes_exactly_the_arrays_it_names(runtimes: dict[str, ModelRuntime], fields: ResultFields) -> None:
+    """The other side of the descriptor check: what is not selected is never written, on any path; what is
+    selected always is (an LSTM, so cell too)."""
+    arrays = {"outputs": fields.outputs, "hidden": fields.hidden, "cell": fields.cell}
+    seen: set[str] = set()
+    for data, _ in encode_all_shapes(runtimes, "lstm", fields):
+        for result in pb.EncodeResponse.FromString(data).results:
+            present = {field.name for field, _ in result.ListFields()}
+            seen |= present
+            assert {"word", "length"} <= present or result.error
+            if not result.error:
+                assert {name for name in arrays if name in present} == {name for name, on in arrays.items() if on}
+    assert {name for name in arrays if name in seen} == {name for name, on in arrays.items() if on}
+
+
+def test_result_fields_from_the_request() -> None:
+    assert result_fields([]) == ALL_FIELDS
+    assert result_fields([pb.RESULT_FIELD_HIDDEN]) == ResultFields(False, True, False)
+    assert result_fields([pb.RESULT_FIELD_CELL, pb.RESULT_FIELD_OUTPUTS]) == ResultFields(True, False, True)
+    assert result_fields([pb.RESULT_FIELD_UNSPECIFIED]) == ResultFields(False, False, False)
 
 
 def test_tags_come_from_the_descriptor() -> None:

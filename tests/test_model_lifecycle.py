@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -57,8 +58,8 @@ def reference(folder: Path, name: str, words: list[str]) -> list[np.ndarray]:
 class Load:
     """A client thread encoding WORDS continuously, keeping every response (or error) in order."""
 
-    def __init__(self, target: str, model: str) -> None:
-        self.target, self.model = target, model
+    def __init__(self, target: str, model: str, own_connection: bool = False) -> None:
+        self.target, self.model, self.own_connection = target, model, own_connection
         self.responses: list[list[Encoding]] = []
         self.errors: list[CharRnnError] = []
         self._stop = threading.Event()
@@ -66,7 +67,7 @@ class Load:
         self._thread.start()
 
     def _run(self) -> None:
-        with CharRnnClient(self.target) as client:
+        with CharRnnClient(self.target, own_connection=self.own_connection) as client:
             started = time.monotonic()
             while not self._stop.is_set() and time.monotonic() - started < DEADLINE_S:
                 try:
@@ -141,44 +142,61 @@ def output_lines(path: Path) -> int:
         return 0
 
 
-def test_export_and_sighup_under_load_swaps_exactly(tmp_path: Path, model_repository: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_export_and_sighup_under_load_swaps_exactly(tmp_path: Path, model_repository: Path, workers: int) -> None:
+    """With --workers 2 the load runs on four connections of their own (spread over both workers): SIGHUP reaches
+    every worker, and on each connection the swap is exact and one-way."""
     repo = repository_with(tmp_path, model_repository, "rnn")
     expected = {1: reference(repo / "rnn" / "1", "rnn", WORDS)}
-    server = start_server(repo, tmp_path)
+    server = start_server(repo, tmp_path, "--workers", str(workers))
     try:
-        load = Load(server.target, "rnn")
-        load.wait_for(lambda: len(load.responses) >= 20, "responses from version 1")
+        loads = [Load(server.target, "rnn", own_connection=workers > 1) for _ in range(1 if workers == 1 else 4)]
+        for load in loads:
+            load.wait_for(lambda load=load: len(load.responses) >= 20, "responses from version 1")
+        if workers > 1:
+            spread = [sum(1 for c in worker.net_connections("tcp") if c.laddr.port == server.port)
+                      for worker in psutil.Process(server.process.pid).children()]
+            assert len(spread) == 2 and min(spread) > 0, f"the loads' connections per worker: {spread}"
         health = HealthWatch(server.target)
         export_model(seeded_model(BUILTIN_SPECS["rnn"], seed=5), repo)  # the default: version 2
         expected[2] = reference(repo / "rnn" / "2", "rnn", WORDS)
         hup(server)
-        load.wait_for(lambda: 2 in load.versions(), "version 2 to answer")
-        seen = len(load.responses)
-        load.wait_for(lambda: len(load.responses) >= seen + 20, "responses after the swap")
-        load.stop()
+        for load in loads:
+            load.wait_for(lambda load=load: 2 in load.versions(), "version 2 to answer")
+            seen = len(load.responses)
+            load.wait_for(lambda load=load, seen=seen: len(load.responses) >= seen + 20, "responses after the swap")
+        for load in loads:
+            load.stop()
         assert health.stop() == ["SERVING"], "health left SERVING during the reload"
-        assert load.errors == []
-        versions = load.versions()
-        first_new = versions.index(2)
-        assert set(versions[:first_new]) == {1} and set(versions[first_new:]) == {2}, "an old answer after the swap"
-        for response in load.responses:
-            version = response[0].version
-            assert {encoding.version for encoding in response} == {version}
-            for encoding, want in zip(response, expected[version], strict=True):
-                np.testing.assert_allclose(encoding.outputs, want, rtol=0, atol=1e-6)
+        for load in loads:
+            assert load.errors == []
+            versions = load.versions()
+            first_new = versions.index(2)
+            assert set(versions[:first_new]) == {1} and set(versions[first_new:]) == {2}, "an old answer after the swap"
+            for response in load.responses:
+                version = response[0].version
+                assert {encoding.version for encoding in response} == {version}
+                for encoding, want in zip(response, expected[version], strict=True):
+                    np.testing.assert_allclose(encoding.outputs, want, rtol=0, atol=1e-6)
         assert not np.allclose(expected[1][0], expected[2][0])
         with CharRnnClient(server.target) as client:
             assert [(v.version, v.state, v.default) for v in client.model("rnn").versions] == [(2, "ready", True)]
             assert client.health() == "SERVING"
         assert 'charrnn_requests_total{code="OK",method="Encode",model="rnn",version="2"}' in metrics_text(server)
+        assert 'charrnn_model_default_version{model="rnn"} 2.0' in metrics_text(server)
+        assert server.log().count("server.main: reload done") == workers, "SIGHUP did not reach every worker"
     finally:
         assert server.stop() == 0, server.log()
 
 
-def test_a_corrupt_new_version_under_load_keeps_the_old_one_answering(tmp_path: Path, model_repository: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corrupt_new_version_under_load_keeps_the_old_one_answering(
+    tmp_path: Path, model_repository: Path, workers: int
+) -> None:
+    """With --workers 2 each worker refuses the version: the refusal counter sums both."""
     repo = repository_with(tmp_path, model_repository, "lstm")
     expected = reference(repo / "lstm" / "1", "lstm", WORDS)
-    server = start_server(repo, tmp_path)
+    server = start_server(repo, tmp_path, "--workers", str(workers))
     try:
         load = Load(server.target, "lstm")
         load.wait_for(lambda: len(load.responses) >= 20, "responses from version 1")
@@ -203,8 +221,11 @@ def test_a_corrupt_new_version_under_load_keeps_the_old_one_answering(tmp_path: 
         for response in load.responses:
             for encoding, want in zip(response, expected, strict=True):
                 np.testing.assert_allclose(encoding.outputs, want, rtol=0, atol=1e-6)
-        assert 'charrnn_model_load_failures_total{model="lstm",version="2"} 1.0' in metrics_text(server)
-        assert "lstm version 2 refused" in server.log()
+        wait_until = time.monotonic() + DEADLINE_S
+        while server.log().count("lstm version 2 refused") < workers:
+            assert time.monotonic() < wait_until, "a worker did not refuse the corrupt version"
+            time.sleep(0.05)
+        assert f'charrnn_model_load_failures_total{{model="lstm",version="2"}} {float(workers)}' in metrics_text(server)
     finally:
         assert server.stop() == 0, server.log()
 

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.config import DEFAULTS, ServerConfig, build_parser, parse_config
+from server.config import DEFAULTS, ServerConfig, build_parser, parse_config, usable_cores
 from server.core.alphabet import Alphabet, WordIndices, one_hot_batch
 from server.core.batcher import BatchSettings
 from server.core.engine import EngineSettings, Limits
@@ -190,10 +190,11 @@ def test_defaults_with_an_empty_environment() -> None:
 def test_the_config_builds_the_cores_settings() -> None:
     config = parse_config(["--max-words", "7", "--max-word-length", "9", "--max-batch-words", "11",
                            "--max-queue-delay-ms", "1.5", "--max-queue-words", "13", "--run-threads", "2",
-                           "--device", "cpu", "--keep-versions", "3"], {})
+                           "--device", "cpu", "--keep-versions", "3", "--inline-max-us", "50"], {})
     settings = config.engine_settings()
     assert settings == EngineSettings(
-        "cpu", 2, Limits(max_words=7, max_word_length=9), BatchSettings(11, 0.0015, 13), keep_versions=3
+        "cpu", 2, Limits(max_words=7, max_word_length=9), BatchSettings(11, 0.0015, 13), keep_versions=3,
+        inline_max_s=50e-6,
     )
     assert parse_config(["--no-batching"], {}).engine_settings().batching is None
 
@@ -401,3 +402,38 @@ def test_grpc_options_state_the_resource_bounds_in_grpcs_units() -> None:
     assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 1000
     defaults = dict(DEFAULTS.grpc_options())
     assert defaults["grpc.max_connection_idle_ms"] == 600000 and "grpc.max_connection_age_ms" not in defaults
+
+
+def test_workers_flag_environment_and_auto() -> None:
+    import os
+
+    assert parse_config([], {}).workers == DEFAULTS.workers == usable_cores()
+    assert parse_config(["--workers", "3"], {}).workers == 3
+    assert parse_config([], {"CHARRNN_WORKERS": "2"}).workers == 2
+    assert parse_config([], {"CHARRNN_WORKERS": "auto"}).workers == usable_cores()
+    assert parse_config(["--workers", "auto"], {"CHARRNN_WORKERS": "5"}).workers == usable_cores()
+    with pytest.raises(SystemExit):
+        parse_config(["--workers", "0"], {})
+    with pytest.raises(SystemExit):
+        parse_config(["--workers", "many"], {})
+    assert "--worker-index" not in build_parser({}).format_help()  # set by the supervisor only
+
+
+def test_usable_cores_honours_the_affinity_mask_and_a_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cores(tmp_path / "absent") == affinity
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == affinity
+    cpu_max.write_text("150000 100000\n")  # --cpus 1.5: two workers, if the mask allows two
+    assert usable_cores(cpu_max) == min(affinity, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
+
+
+def test_only_a_supervisors_workers_share_the_port() -> None:
+    assert dict(parse_config([], {}).grpc_options())["grpc.so_reuseport"] == 0
+    assert dict(parse_config(["--workers", "4"], {}).grpc_options())["grpc.so_reuseport"] == 0  # the supervisor
+    assert dict(parse_config(["--worker-index", "1"], {}).grpc_options())["grpc.so_reuseport"] == 1

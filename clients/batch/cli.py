@@ -27,6 +27,7 @@ from clients.batch.output import ResumePoint, scan_output
 from clients.batch.progress import PROG, Progress
 from clients.batch.records import FORMATS, Producer, Record, count_records, infer_format, read_records
 from clients.batch.targets import batch_channel_options, split_targets, streams_for
+from clients.client import parse_fields
 from clients.security import ClientSecurity, ClientSecurityError, add_arguments
 
 EXIT_OK = 0
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="input format (default: from the extension, .jsonl/.ndjson or .csv, else text)")
     add("--field", default="word", help="jsonl: the field holding the word (default %(default)s)")
     add("--column", default="word", help="csv: the column holding the word (default %(default)s)")
+    add("--fields", type=_fields, default=None, metavar="LIST",
+        help="arrays each output line carries, comma-separated: outputs, hidden, cell (default: all)")
     add("--chunk-size", type=int, default=512, help="words per stream message (default %(default)s)")
     add("--max-in-flight", type=int, default=16,
         help="chunks between being read and being written: sent, retrying, or waiting for earlier ones; bounds "
@@ -84,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quiet", action="store_true", help="no progress bar or lines; only the summary and errors")
     add_arguments(parser)
     return parser
+
+
+def _fields(text: str) -> tuple[str, ...]:
+    try:
+        return parse_fields(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,7 +193,7 @@ async def _run_job(args: argparse.Namespace, targets: list[str], fmt: str, outco
         progress = Progress(count_records(source, fmt), resume.lines, resume.failed, mode, args.log_interval)
         stack.callback(progress.close)
         window = threading.Semaphore(args.max_in_flight)
-        job = Job(args.model, args.retry_seconds, sink, progress, window)
+        job = Job(args.model, args.retry_seconds, sink, progress, window, args.fields)
         loop = asyncio.get_running_loop()
         producer = Producer(
             read_records(source, fmt, args.field, args.column), args.chunk_size, window,

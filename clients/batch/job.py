@@ -37,8 +37,10 @@ class Job:
     """Shared state: chunks waiting to be sent, answered chunks waiting to be written, the in-order writer."""
 
     def __init__(self, model: str, retry_seconds: float, output: IO[bytes], progress: Progress,
-                 window: threading.Semaphore) -> None:
+                 window: threading.Semaphore, fields: Sequence[str] | None = None) -> None:
         self.model = model
+        self.fields = fields
+        """The arrays each record carries (--fields; None: all)."""
         self.retry_seconds = retry_seconds
         self.output = output
         self.progress = progress
@@ -198,7 +200,7 @@ class Lane:
             try:
                 while True:
                     chunk.sent_at = time.monotonic()
-                    await call.write(build_request(self.job.model, chunk.words, report_invalid=True))
+                    await call.write(build_request(self.job.model, chunk.words, report_invalid=True, fields=self.job.fields))
                     sent += 1
                     if sent >= STREAM_RECYCLE_CHUNKS:
                         break

@@ -92,16 +92,15 @@ def result_json(index: int, result: pb.WordResult, hidden_size: int, version: in
     """One encoded word's output line: Encoding.to_json's fields (the model version that encoded it, the
     arrays), built without numpy (3x faster)."""
     # A repeated float field yields each float32 widened to a Python float, exactly as ndarray.tolist() does.
+    # An array the job's --fields left out arrives empty and is left out of the line.
     outputs, hidden, cell = list(result.outputs), list(result.hidden), list(result.cell)
-    if len(outputs) != result.length * hidden_size or len(hidden) % max(hidden_size, 1):
+    if (outputs and len(outputs) != result.length * hidden_size) or len(hidden) % max(hidden_size, 1):
         raise FatalError(f"the server's arrays for word {index} {result.word!r} do not match hidden_size {hidden_size}")
-    item: dict[str, Any] = {
-        "index": index,
-        "word": result.word,
-        "version": version,
-        "outputs": [outputs[row : row + hidden_size] for row in range(0, len(outputs), hidden_size)],
-        "hidden": [hidden[row : row + hidden_size] for row in range(0, len(hidden), hidden_size)],
-    }
+    item: dict[str, Any] = {"index": index, "word": result.word, "version": version}
+    if outputs:
+        item["outputs"] = [outputs[row : row + hidden_size] for row in range(0, len(outputs), hidden_size)]
+    if hidden:
+        item["hidden"] = [hidden[row : row + hidden_size] for row in range(0, len(hidden), hidden_size)]
     if cell:
         item["cell"] = [cell[row : row + hidden_size] for row in range(0, len(cell), hidden_size)]
     return item

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from clients.bench import scaling
 from clients.bench.cells import run_cells, run_target_repeats, run_tuning
 from clients.bench.environment import export_repository, machine_info
 from clients.bench.inprocess import measure_handler, measure_inprocess
@@ -130,9 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = evaluate(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # The perf_analyzer section is another generator's (clients.bench.perf_analyzer): kept as it was.
-    kept = section_of(args.out.read_text()) if args.out.exists() else None
+    previous = args.out.read_text() if args.out.exists() else ""
+    kept = section_of(previous) if previous else None
     text = render(report, checks)
-    args.out.write_text(text if kept is None else with_section(text, kept))
+    text = text if kept is None else with_section(text, kept)
+    for name in scaling.SECTIONS:  # and clients.bench.scaling's (workers, peer rig)
+        section = scaling.section_of(previous, name)
+        if section is not None:
+            text = scaling.with_section(text, name, section)
+    args.out.write_text(text)
     if args.json is not None:
         args.json.write_text(json.dumps({**asdict(report), "checks": [asdict(c) for c in checks]}, indent=2))
     log(f"wrote {args.out} in {report.elapsed_s / 60:.1f} min")

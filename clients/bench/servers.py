@@ -28,12 +28,14 @@ from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 def start_server(
     name: str, repository: Path, folder: Path, device: str, batching: bool, extra: Sequence[str]
 ) -> ServerProcess:
-    """charrnn-server on a free port, waited for until its health service says SERVING."""
+    """charrnn-server on a free port, waited for until its health service says SERVING. One process
+    (--workers 1) unless `extra` says otherwise: the cells drive one connection per load-generator process, which
+    reaches one worker, and memory is sampled from the process started."""
     port_file = folder / f"{name}.ports.json"
     command = [
         sys.executable, "-m", "server", "--repository", str(repository), "--address", "127.0.0.1", "--port", "0",
         "--metrics-port", "0", "--port-file", str(port_file), "--device", device, "--log-level", "WARNING",
-        "--batching" if batching else "--no-batching", *extra,
+        "--batching" if batching else "--no-batching", "--workers", "1", *extra,
     ]
     server = spawn(name, command, port_file, folder / f"{name}.log", timeout=120.0)
     with grpc.insecure_channel(server.target) as channel:

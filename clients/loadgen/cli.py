@@ -13,10 +13,18 @@ from collections.abc import Sequence
 import grpc
 
 from clients.bench import echo
+from clients.client import parse_fields
 from clients.errors import error_from_rpc
 from clients.loadgen.config import LoadConfig
 from clients.loadgen.fanout import run_load
 from clients.security import ClientSecurity, ClientSecurityError, add_arguments
+
+
+def _fields(text: str) -> tuple[str, ...]:
+    try:
+        return parse_fields(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--processes", type=int, default=1, help="spread the workers over this many processes")
     add("--timeout", type=float, default=120.0, help="per-RPC deadline in seconds")
     add("--seed", type=int, default=0, help="seed of the random words")
+    add("--connections", type=int, default=1,
+        help="TCP connections per process, the workers dealt round-robin over them: a server's --workers "
+             "share connections out, not requests, so one connection reaches one worker")
+    add("--fields", type=_fields, default=None, metavar="LIST",
+        help="arrays each request asks for, comma-separated: outputs, hidden, cell (default: all)")
     add("--json", action="store_true", help="print the result as JSON")
     add("--echo", action="store_true", help="drive the echo server of --serve-echo instead of charrnn-server")
     add("--echo-response-bytes", type=int, default=0, help="with --echo: size of each echo response")
@@ -77,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_s=args.timeout,
         seed=args.seed,
         security=security,
+        fields=args.fields,
+        connections=args.connections,
     )
     try:
         result = run_load(config)

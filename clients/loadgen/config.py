@@ -32,6 +32,10 @@ class LoadConfig:
     seed: int = 0
     security: ClientSecurity = PLAINTEXT
     """TLS and token (picklable: spawned load processes connect the same way)."""
+    fields: tuple[str, ...] | None = None
+    """The arrays each request asks for (clients.client.FIELDS; None: all)."""
+    connections: int = 1
+    """TCP connections per process (a server's --workers spread connections, not requests)."""
 
     @property
     def mode(self) -> str:
@@ -95,7 +99,8 @@ class LoadResult:
             f"{self.words_per_request} word(s)/request of {self.word_length} letters, {self.processes} process(es)\n"
             f"  requests:   {self.requests} ok in {self.duration_s:.2f} s; errors: {errors}; "
             f"{self.issued} sent in all ({self.warmup_requests} warm-up)\n"
-            f"  throughput: {self.requests_per_s:,.1f} requests/s, {self.words_per_s:,.1f} words/s\n"
+            f"  throughput: {self.requests_per_s:,.1f} requests/s, {self.words_per_s:,.1f} words/s; "
+            f"{self.response_bytes:,} B per response\n"
             f"  latency ms: p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  "
             f"mean {lat['mean']:.3f}  max {lat['max']:.3f}"
         )

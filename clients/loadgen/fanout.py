@@ -45,7 +45,9 @@ def run_load(config: LoadConfig) -> LoadResult:
     if config.concurrency < 1 or config.words_per_request < 1 or config.word_length < 1 or config.processes < 1:
         raise ValueError("concurrency, words per request, word length and processes must be at least 1")
     alphabet = "a" if config.echo else fetch_alphabet(config.target, config.model, config.timeout_s, config.security)
-    pool = build_request_pool(config.model, alphabet, config.words_per_request, config.word_length, config.seed)
+    pool = build_request_pool(
+        config.model, alphabet, config.words_per_request, config.word_length, config.seed, config.fields
+    )
     if config.echo:
         pool = [echo_request(request, config.echo_response_bytes) for request in pool]
     processes = min(config.processes, config.concurrency)

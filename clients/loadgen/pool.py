@@ -7,6 +7,8 @@ parsed either: only the first of each worker is decoded and checked (check_respo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from clients.client import build_request
@@ -34,9 +36,10 @@ def fetch_alphabet(target: str, model: str, timeout_s: float = 10.0, security: C
 
 
 def build_request_pool(
-    model: str, alphabet: str, words_per_request: int, word_length: int, seed: int = 0
+    model: str, alphabet: str, words_per_request: int, word_length: int, seed: int = 0,
+    fields: Sequence[str] | None = None,
 ) -> list[bytes]:
-    """Serialised EncodeRequests of random words, all of the same size."""
+    """Serialised EncodeRequests of random words, all of the same size, asking for `fields` (None: all)."""
     rng = np.random.default_rng(seed)
     count = max(1, min(DISTINCT_REQUESTS, POOL_WORD_BUDGET // max(1, words_per_request)))
     letters = np.array(list(alphabet))
@@ -44,7 +47,7 @@ def build_request_pool(
     for _ in range(count):
         picks = letters[rng.integers(0, len(letters), size=(words_per_request, word_length))]
         words = ["".join(row) for row in picks]
-        pool.append(build_request(model, words).SerializeToString())
+        pool.append(build_request(model, words, fields=fields).SerializeToString())
     return pool
 
 

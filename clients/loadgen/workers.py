@@ -8,6 +8,7 @@ workers stop once the budget is spent. A failed request is counted by its status
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing.synchronize
 import time
 from typing import Any
@@ -126,15 +127,22 @@ async def run_process(
     config: LoadConfig, pool: list[bytes], first_worker: int, budget: int | None,
     barrier: multiprocessing.synchronize.Barrier | None,
 ) -> Partial:
-    """Run config.concurrency workers on one channel in this process's event loop; what they measured."""
+    """Run config.concurrency workers on config.connections channels (TCP connections of their own, workers
+    dealt round-robin) in this process's event loop; what they measured."""
     run = Run(config, budget)
-    async with config.security.aio_channel(config.target, CHANNEL_OPTIONS) as channel:
-        await asyncio.wait_for(channel.channel_ready(), config.timeout_s)
+    options = CHANNEL_OPTIONS if config.connections == 1 else [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(config.security.aio_channel(config.target, options))
+            for _ in range(max(1, config.connections))
+        ]
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), config.timeout_s)
         worker = _stream_worker if config.stream else _unary_worker
 
         def spawn() -> list[asyncio.Future[None]]:
             return [
-                asyncio.ensure_future(worker(run, channel, pool, first_worker + index))
+                asyncio.ensure_future(worker(run, channels[index % len(channels)], pool, first_worker + index))
                 for index in range(config.concurrency)
             ]
 

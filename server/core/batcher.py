@@ -14,8 +14,9 @@ requests that arrive while every slot is taken queue, and merge. A long queue is
 slots (batches of at least SPLIT_MIN_WORDS words) rather than taken whole by the first free one, which
 would leave the other cores idle while it runs.
 
-Every onnxruntime run happens on onnxruntime's own threads (ModelRuntime.start_run, session.run_async),
-never on the event loop; the outcome is posted back with call_soon_threadsafe. That is one thread wake-up
+Runs happen on onnxruntime's own threads (ModelRuntime.start_run, session.run_async), except those a
+RunPredictor (server/core/inline.py, when the runner has one) predicts to be tiny, which run on the event loop
+itself; the outcome is posted back with call_soon_threadsafe (inline: call_soon). That is one thread wake-up
 each way, and the onnxruntime thread needs no Python (no GIL) to start: a Python executor thread costs a
 second wake-up to take the GIL first (measured in-process: ~120 us per 1-word run with run_async against
 ~210-250 us through a ThreadPoolExecutor, on this 2-core VM).
@@ -34,6 +35,7 @@ import numpy.typing as npt
 
 from server.core.alphabet import WordIndices
 from server.core.errors import OverloadedError, ShuttingDownError
+from server.core.inline import RunPredictor
 from server.core.runtime import ModelRuntime, RunOutputs
 
 SPLIT_MIN_WORDS = 64
@@ -84,14 +86,33 @@ _Outcome = Callable[[RunOutputs | None, BaseException | None, float], None]
 """Receives a run's outputs (or its error) and its seconds in onnxruntime, on the event loop."""
 
 
-def _start_run(loop: asyncio.AbstractEventLoop, model: ModelRuntime, merged: _Merged, outcome: _Outcome) -> None:
-    """Start the batch on onnxruntime's threads; `outcome` runs on the event loop once it is done.
-    Raises if onnxruntime refuses the run outright (then `outcome` is never called)."""
+def _start_run(
+    loop: asyncio.AbstractEventLoop, model: ModelRuntime, merged: _Merged, outcome: _Outcome,
+    predictor: RunPredictor | None = None,
+) -> None:
+    """Start the batch on onnxruntime's threads, or run it here if the predictor says it is tiny; `outcome`
+    runs on the event loop once it is done (never before this returns). Raises if onnxruntime refuses the run
+    outright (then `outcome` is never called)."""
     started = time.perf_counter()
+    key = 0
+    if predictor is not None:
+        letters = merged[0]
+        key = RunPredictor.key(len(letters.lengths), int(letters.lengths.max()))
+        if predictor.runs_inline(key):
+            outputs = model.run(*merged)
+            seconds = time.perf_counter() - started
+            predictor.observe(key, seconds, inline=True)
+            loop.call_soon(outcome, outputs, None, seconds)
+            return
+
+    def observed(outputs: RunOutputs | None, error: BaseException | None, seconds: float) -> None:  # on the loop
+        if predictor is not None and outputs is not None:
+            predictor.observe(key, seconds, inline=False)
+        outcome(outputs, error, seconds)
 
     def done(outputs: RunOutputs | None, error: BaseException | None) -> None:  # on an onnxruntime thread
         try:
-            loop.call_soon_threadsafe(outcome, outputs, error, time.perf_counter() - started)
+            loop.call_soon_threadsafe(observed, outputs, error, time.perf_counter() - started)
         except BaseException:  # noqa: BLE001 - the event loop is closed: nobody is waiting for this run any more
             pass
 
@@ -107,11 +128,14 @@ class Batcher:
         settings: BatchSettings,
         observer: RunObserver | None = None,
         max_concurrent_runs: int = 1,
+        predictor: RunPredictor | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
         self.max_concurrent_runs = max(1, max_concurrent_runs)
         self._observer = observer
+        self._predictor = predictor
+        """Decides which runs go inline (server/core/inline.py); None: every run on onnxruntime's thread."""
         self._queue: deque[_Pending] = deque()
         self._queued_words = 0
         self._running = 0  # batches started and not yet finished
@@ -226,6 +250,7 @@ class Batcher:
             _start_run(
                 self._loop, self.model, _merge(batch),
                 lambda outputs, error, seconds: self._finished(batch, dispatched, outputs, error, seconds),
+                self._predictor,
             )
         except Exception as error:  # noqa: BLE001 - merging or starting failed: this batch's callers get it
             _fail(batch, error)
@@ -296,9 +321,13 @@ class DirectRunner:
     """No batching: every request gets its own onnxruntime run, at most max_concurrent_runs at a time (more
     would only queue inside onnxruntime's pool, whose full queue runs work on the caller's thread)."""
 
-    def __init__(self, model: ModelRuntime, observer: RunObserver | None = None, max_concurrent_runs: int = 1) -> None:
+    def __init__(
+        self, model: ModelRuntime, observer: RunObserver | None = None, max_concurrent_runs: int = 1,
+        predictor: RunPredictor | None = None,
+    ) -> None:
         self.model = model
         self._observer = observer
+        self._predictor = predictor
         self._slots = asyncio.Semaphore(max(1, max_concurrent_runs))
         self._closed = False
         self._running = 0
@@ -349,7 +378,7 @@ class DirectRunner:
                 future.set_result((outputs, RunStats(waited, seconds, words)))
 
         try:
-            _start_run(loop, self.model, (letters, h0, c0), finished)
+            _start_run(loop, self.model, (letters, h0, c0), finished, self._predictor)
         except BaseException:
             self._slots.release()
             raise

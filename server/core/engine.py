@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from server.core.alphabet import WordIndices
 from server.core.batcher import Batcher, BatchSettings, DirectRunner, RunObserver, RunStats
+from server.core.inline import RunPredictor
 from server.core.errors import (
     InvalidRequestError,
     InvalidWordError,
@@ -67,6 +68,8 @@ class EngineSettings:
     """Dynamic batching settings, or None to run each request alone."""
     keep_versions: int
     """Versions of each model kept loaded (the newest that load); the highest is the default."""
+    inline_max_s: float = 0.0
+    """Runs predicted to take at most this run on the event loop (server/core/inline.py); 0: never."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +194,10 @@ def load_engine(repository: Path, settings: EngineSettings, observer: RunObserve
     versions = load_initial(repository, settings)
     defaults = {name: max(runtimes, key=lambda runtime: runtime.version) for name, runtimes in versions.items()}
     others = [runtime for runtimes in versions.values() for runtime in runtimes if runtime is not defaults[runtime.name]]
-    return Engine(defaults, settings.limits, settings.batching, settings.run_threads, observer, more_versions=others)
+    return Engine(
+        defaults, settings.limits, settings.batching, settings.run_threads, observer, more_versions=others,
+        inline_max_s=settings.inline_max_s,
+    )
 
 
 class Engine:
@@ -209,8 +215,10 @@ class Engine:
         observer: RunObserver | None = None,
         *,
         more_versions: Iterable[ModelRuntime] = (),
+        inline_max_s: float = 0.0,
     ) -> None:
         self.limits = limits
+        self._inline_max_s = inline_max_s
         self._batching = batching
         self._run_threads = run_threads
         self._observer = observer
@@ -226,10 +234,12 @@ class Engine:
         self._publish()
 
     def _serve(self, runtime: ModelRuntime) -> ServedVersion:
+        # Each runner (one per model version) predicts its own runs' times: see server/core/inline.py.
+        predictor = RunPredictor(self._inline_max_s) if self._inline_max_s > 0 else None
         runner: Batcher | DirectRunner = (
-            Batcher(runtime, self._batching, self._observer, max_concurrent_runs=self._run_threads)
+            Batcher(runtime, self._batching, self._observer, max_concurrent_runs=self._run_threads, predictor=predictor)
             if self._batching is not None
-            else DirectRunner(runtime, self._observer, max_concurrent_runs=self._run_threads)
+            else DirectRunner(runtime, self._observer, max_concurrent_runs=self._run_threads, predictor=predictor)
         )
         if self._started:
             runner.start()

@@ -27,7 +27,7 @@ from proto.charrnn.v1 import charrnn_pb2 as pb
 from server.core.engine import VersionState
 from server.core.errors import ServiceError
 from server.core.runtime import ModelRuntime
-from server.grpc.charrnn_v1_codec import encode_response, initial_state
+from server.grpc.charrnn_v1_codec import encode_response, initial_state, result_fields
 from server.grpc.observed import ANSWERED_VERSION, FrontEnd, admit, raising
 from server.grpc.status import abort, status_code
 
@@ -179,7 +179,7 @@ class CharRnnService(FrontEnd):
         words_per_request.observe(len(request.words))
         if rows.stats is not None:
             queue_seconds.observe(rows.stats.queue_s)
-        return encode_response(rows, started)
+        return encode_response(rows, started, result_fields(request.fields))
 
     def _metadata(self, model: ModelRuntime) -> pb.ModelMetadata:
         manifest = model.manifest

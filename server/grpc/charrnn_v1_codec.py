@@ -10,6 +10,9 @@ Every tag is computed from the generated descriptor (a renamed or renumbered fie
 reference_response() builds the same message with protobuf's own API: tests/test_codec.py checks that the two
 agree byte for byte, and that every field the descriptor has is written, so a field added to the .proto but
 not to this codec fails the tests instead of silently never being sent.
+
+EncodeRequest.fields (ResultFields) leaves arrays out: both paths and reference_response() take the same
+selection, and the tests compare them under every selection.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import functools
 import struct
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -79,6 +84,33 @@ _QUEUE_MS, _INFERENCE_MS, _TOTAL_MS = (field_tag(_TIMING_MESSAGE, name) for name
 _STATE_HIDDEN, _STATE_CELL = field_tag(_STATE, "hidden"), field_tag(_STATE, "cell")
 
 
+@dataclass(frozen=True, slots=True)
+class ResultFields:
+    """Which arrays each WordResult carries (EncodeRequest.fields); `word`, `length` and `error` always."""
+
+    outputs: bool = True
+    hidden: bool = True
+    cell: bool = True
+
+
+ALL_FIELDS = ResultFields()
+"""The default: every array, as before EncodeRequest.fields existed."""
+
+
+@functools.lru_cache(maxsize=64)
+def _selected(values: tuple[int, ...]) -> ResultFields:
+    chosen = set(values)
+    return ResultFields(
+        pb.RESULT_FIELD_OUTPUTS in chosen, pb.RESULT_FIELD_HIDDEN in chosen, pb.RESULT_FIELD_CELL in chosen
+    )
+
+
+def result_fields(values: Sequence[int]) -> ResultFields:
+    """EncodeRequest.fields as a ResultFields: empty means all; otherwise exactly the fields named
+    (RESULT_FIELD_UNSPECIFIED and values unknown to this server select nothing)."""
+    return ALL_FIELDS if not values else _selected(tuple(values))
+
+
 def initial_state(state: pb.State) -> InitialState:
     """A State message as arrays, read straight from its (packed) wire bytes rather than float by float."""
     data = state.SerializeToString()  # upb writes repeated floats packed: [tag, length, float32 LE...] per field
@@ -112,18 +144,18 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
-def encode_response(rows: RequestRows, started: float) -> bytes:
-    """The EncodeResponse for a request, serialised by hand in one pass (see module doc); `started` is the
-    time.perf_counter() at receipt, for timing.total_ms."""
+def encode_response(rows: RequestRows, started: float, fields: ResultFields = ALL_FIELDS) -> bytes:
+    """The EncodeResponse for a request, serialised by hand in one pass (see module doc), carrying the arrays
+    `fields` selects; `started` is the time.perf_counter() at receipt, for timing.total_ms."""
     manifest = rows.model.manifest
     header = _header(manifest.name, manifest.hidden_size, manifest.num_layers)
     queue_ms = inference_ms = 0.0
     if rows.stats is not None:
         queue_ms, inference_ms = rows.stats.queue_s * 1000.0, rows.stats.inference_s * 1000.0
-    data = _serialise_vectorised(rows, header)
+    data = _serialise_vectorised(rows, header, fields)
     if data is None:
         parts: list[bytes | memoryview] = [header]
-        _append_results(rows, parts)
+        _append_results(rows, parts, fields)
         data = b"".join(parts)
     total_ms = (time.perf_counter() - started) * 1000.0
     # The version (field 6) goes before timing (5): where protobuf itself writes it once timing is cleared
@@ -140,7 +172,7 @@ def _version_field(version: int) -> bytes:
     return _VERSION + _varint(version) if version else b""
 
 
-def reference_response(rows: RequestRows, total_ms: float) -> pb.EncodeResponse:
+def reference_response(rows: RequestRows, total_ms: float, fields: ResultFields = ALL_FIELDS) -> pb.EncodeResponse:
     """The message encode_response() writes, built field by field with protobuf's API: slow, obviously right."""
     manifest = rows.model.manifest
     response = pb.EncodeResponse(
@@ -152,9 +184,9 @@ def reference_response(rows: RequestRows, total_ms: float) -> pb.EncodeResponse:
             response.results.add(
                 word=item.word,
                 length=len(item.outputs),
-                outputs=item.outputs.ravel().tolist(),
-                hidden=item.hidden.ravel().tolist(),
-                cell=item.cell.ravel().tolist() if item.cell is not None else (),
+                outputs=item.outputs.ravel().tolist() if fields.outputs else (),
+                hidden=item.hidden.ravel().tolist() if fields.hidden else (),
+                cell=item.cell.ravel().tolist() if item.cell is not None and fields.cell else (),
             )
         else:
             assert isinstance(item, InvalidWordError)
@@ -187,7 +219,7 @@ VECTORISE_WORDS_PER_GROUP = 20
 """Vectorise when there are at least this many words per distinct word length (measured crossover ~16)."""
 
 
-def _serialise_vectorised(rows: RequestRows, header: bytes) -> bytes | memoryview | None:
+def _serialise_vectorised(rows: RequestRows, header: bytes, fields: ResultFields) -> bytes | memoryview | None:
     """header + every word's WordResult, built with numpy a group at a time, where that pays; else None.
 
     Handles the common case: every word good and ASCII (byte length = letters). Words of the same length
@@ -221,7 +253,7 @@ def _serialise_vectorised(rows: RequestRows, header: bytes) -> bytes | memoryvie
         rows = np.arange(len(words)) if single else np.flatnonzero(lengths == length)
         pick: slice | npt.NDArray[np.intp] = slice(None) if single else rows
         count = len(rows)
-        floats = length * hidden_size * 4
+        floats = length * hidden_size * 4 if fields.outputs else 0
         word_letters = (
             letters.reshape(count, length) if single
             else letters[(np.cumsum(lengths) - lengths)[rows, None] + np.arange(length)]
@@ -230,11 +262,13 @@ def _serialise_vectorised(rows: RequestRows, header: bytes) -> bytes | memoryvie
             _WORD + _len_prefix(length),  # ASCII: the word's byte length is its length
             word_letters,
             _LENGTH + _len_prefix(length) + (_OUTPUTS + _len_prefix(floats) if floats else b""),
-            _as_bytes(outputs[pick, :length], count),
         ]
+        if floats:
+            columns.append(_as_bytes(outputs[pick, :length], count))
         if state_bytes:
-            columns += [_HIDDEN + _len_prefix(state_bytes), _as_bytes(h_n[:, pick].transpose(1, 0, 2), count)]
-            if c_n is not None:
+            if fields.hidden:
+                columns += [_HIDDEN + _len_prefix(state_bytes), _as_bytes(h_n[:, pick].transpose(1, 0, 2), count)]
+            if c_n is not None and fields.cell:
                 columns += [_CELL + _len_prefix(state_bytes), _as_bytes(c_n[:, pick].transpose(1, 0, 2), count)]
         body = sum(len(column) if isinstance(column, bytes) else column.shape[1] for column in columns)
         columns.insert(0, _RESULT + _len_prefix(body))
@@ -269,9 +303,10 @@ def _as_bytes(array: npt.NDArray[np.float32], rows: int) -> npt.NDArray[np.uint8
     return np.ascontiguousarray(array, dtype="<f4").reshape(rows, -1).view(np.uint8)
 
 
-def _append_results(rows: RequestRows, parts: list[bytes | memoryview]) -> None:
+def _append_results(rows: RequestRows, parts: list[bytes | memoryview], fields: ResultFields) -> None:
     """Append every word's WordResult (field 4 of EncodeResponse), in request order, as pieces to join:
-    headers as bytes, floats as memoryview slices of the little-endian float32, C-contiguous batch arrays."""
+    headers as bytes, floats as memoryview slices of the little-endian float32, C-contiguous batch arrays;
+    only the arrays `fields` selects."""
     append = parts.append
     problems = rows.problems
     good = iter(())
@@ -281,12 +316,14 @@ def _append_results(rows: RequestRows, parts: list[bytes | memoryview]) -> None:
         c_n = rows.outputs.c_n
         cell = None if c_n is None else np.ascontiguousarray(c_n.transpose(1, 0, 2), dtype="<f4")
         row_bytes = outputs.shape[1] * outputs.shape[2] * 4
-        step_bytes = outputs.shape[2] * 4
+        step_bytes = outputs.shape[2] * 4 if fields.outputs else 0
         state_bytes = hidden.shape[1] * hidden.shape[2] * 4
         out_view = memoryview(outputs.reshape(-1)).cast("B")
         hidden_view = memoryview(hidden.reshape(-1)).cast("B")
-        cell_view = None if cell is None or not state_bytes else memoryview(cell.reshape(-1)).cast("B")
-        hidden_head = _HIDDEN + _len_prefix(state_bytes) if state_bytes else b""
+        cell_view = (
+            None if cell is None or not state_bytes or not fields.cell else memoryview(cell.reshape(-1)).cast("B")
+        )
+        hidden_head = _HIDDEN + _len_prefix(state_bytes) if state_bytes and fields.hidden else b""
         cell_head = _CELL + _len_prefix(state_bytes) if cell_view is not None else b""
         tail = (len(hidden_head) + state_bytes if hidden_head else 0) + (
             len(cell_head) + state_bytes if cell_head else 0
@@ -313,8 +350,9 @@ def _append_results(rows: RequestRows, parts: list[bytes | memoryview]) -> None:
             + (_OUTPUTS + _len_prefix(floats) if floats else b"")
         )
         append(_RESULT + _len_prefix(len(head) + floats + tail) + head)
-        start = row * row_bytes
-        append(out_view[start : start + floats])
+        if floats:
+            start = row * row_bytes
+            append(out_view[start : start + floats])
         state = row * state_bytes
         if hidden_head:
             append(hidden_head)

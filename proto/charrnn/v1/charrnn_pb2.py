@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/charrnn/v1/charrnn.proto\x12\ncharrnn.v1\"%\n\x05State\x12\x0e\n\x06hidden\x18\x01 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\x02 \x03(\x02\"\x9f\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05words\x18\x02 \x03(\t\x12)\n\x0einitial_states\x18\x03 \x03(\x0b\x32\x11.charrnn.v1.State\x12\x34\n\rinvalid_words\x18\x04 \x01(\x0e\x32\x1d.charrnn.v1.InvalidWordPolicy\x12\x0f\n\x07version\x18\x05 \x01(\r\"h\n\nWordResult\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07outputs\x18\x03 \x03(\x02\x12\x0e\n\x06hidden\x18\x04 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\x05 \x03(\x02\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"B\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xa6\x01\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\'\n\x07results\x18\x04 \x03(\x0b\x32\x16.charrnn.v1.WordResult\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.charrnn.v1.Timing\x12\x0f\n\x07version\x18\x06 \x01(\r\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.charrnn.v1.ModelMetadata\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"l\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.charrnn.v1.VersionState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\"\x82\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnonlinearity\x18\x06 \x01(\t\x12\x10\n\x08\x61lphabet\x18\x07 \x01(\t\x12\x46\n\x0f\x61rtifact_sha256\x18\x08 \x03(\x0b\x32-.charrnn.v1.ModelMetadata.ArtifactSha256Entry\x12\x1a\n\x12\x65xecution_provider\x18\t \x01(\t\x12\x17\n\x0fmax_word_length\x18\n \x01(\r\x12\x0f\n\x07version\x18\x0b \x01(\r\x12+\n\x08versions\x18\x0c \x03(\x0b\x32\x19.charrnn.v1.VersionStatus\x1a\x35\n\x13\x41rtifactSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*x\n\x11InvalidWordPolicy\x12#\n\x1fINVALID_WORD_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINVALID_WORD_POLICY_REJECT\x10\x01\x12\x1e\n\x1aINVALID_WORD_POLICY_REPORT\x10\x02*}\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13VERSION_STATE_READY\x10\x01\x12\x18\n\x14VERSION_STATE_FAILED\x10\x02\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x03\x32\xa6\x02\n\x07\x43harRnn\x12?\n\x06\x45ncode\x12\x19.charrnn.v1.EncodeRequest\x1a\x1a.charrnn.v1.EncodeResponse\x12I\n\x0c\x45ncodeStream\x12\x19.charrnn.v1.EncodeRequest\x1a\x1a.charrnn.v1.EncodeResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.charrnn.v1.ListModelsRequest\x1a\x1e.charrnn.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1b.charrnn.v1.GetModelRequest\x1a\x19.charrnn.v1.ModelMetadatab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/charrnn/v1/charrnn.proto\x12\ncharrnn.v1\"%\n\x05State\x12\x0e\n\x06hidden\x18\x01 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\x02 \x03(\x02\"\xc8\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05words\x18\x02 \x03(\t\x12)\n\x0einitial_states\x18\x03 \x03(\x0b\x32\x11.charrnn.v1.State\x12\x34\n\rinvalid_words\x18\x04 \x01(\x0e\x32\x1d.charrnn.v1.InvalidWordPolicy\x12\x0f\n\x07version\x18\x05 \x01(\r\x12\'\n\x06\x66ields\x18\x06 \x03(\x0e\x32\x17.charrnn.v1.ResultField\"h\n\nWordResult\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07outputs\x18\x03 \x03(\x02\x12\x0e\n\x06hidden\x18\x04 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\x05 \x03(\x02\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"B\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xa6\x01\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\'\n\x07results\x18\x04 \x03(\x0b\x32\x16.charrnn.v1.WordResult\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.charrnn.v1.Timing\x12\x0f\n\x07version\x18\x06 \x01(\r\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.charrnn.v1.ModelMetadata\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"l\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.charrnn.v1.VersionState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\"\x82\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnonlinearity\x18\x06 \x01(\t\x12\x10\n\x08\x61lphabet\x18\x07 \x01(\t\x12\x46\n\x0f\x61rtifact_sha256\x18\x08 \x03(\x0b\x32-.charrnn.v1.ModelMetadata.ArtifactSha256Entry\x12\x1a\n\x12\x65xecution_provider\x18\t \x01(\t\x12\x17\n\x0fmax_word_length\x18\n \x01(\r\x12\x0f\n\x07version\x18\x0b \x01(\r\x12+\n\x08versions\x18\x0c \x03(\x0b\x32\x19.charrnn.v1.VersionStatus\x1a\x35\n\x13\x41rtifactSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*x\n\x11InvalidWordPolicy\x12#\n\x1fINVALID_WORD_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINVALID_WORD_POLICY_REJECT\x10\x01\x12\x1e\n\x1aINVALID_WORD_POLICY_REPORT\x10\x02*u\n\x0bResultField\x12\x1c\n\x18RESULT_FIELD_UNSPECIFIED\x10\x00\x12\x18\n\x14RESULT_FIELD_OUTPUTS\x10\x01\x12\x17\n\x13RESULT_FIELD_HIDDEN\x10\x02\x12\x15\n\x11RESULT_FIELD_CELL\x10\x03*}\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13VERSION_STATE_READY\x10\x01\x12\x18\n\x14VERSION_STATE_FAILED\x10\x02\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x03\x32\xa6\x02\n\x07\x43harRnn\x12?\n\x06\x45ncode\x12\x19.charrnn.v1.EncodeRequest\x1a\x1a.charrnn.v1.EncodeResponse\x12I\n\x0c\x45ncodeStream\x12\x19.charrnn.v1.EncodeRequest\x1a\x1a.charrnn.v1.EncodeResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.charrnn.v1.ListModelsRequest\x1a\x1e.charrnn.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1b.charrnn.v1.GetModelRequest\x1a\x19.charrnn.v1.ModelMetadatab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELMETADATA_ARTIFACTSHA256ENTRY']._loaded_options = None
   _globals['_MODELMETADATA_ARTIFACTSHA256ENTRY']._serialized_options = b'8\001'
-  _globals['_INVALIDWORDPOLICY']._serialized_start=1225
-  _globals['_INVALIDWORDPOLICY']._serialized_end=1345
-  _globals['_VERSIONSTATE']._serialized_start=1347
-  _globals['_VERSIONSTATE']._serialized_end=1472
+  _globals['_INVALIDWORDPOLICY']._serialized_start=1266
+  _globals['_INVALIDWORDPOLICY']._serialized_end=1386
+  _globals['_RESULTFIELD']._serialized_start=1388
+  _globals['_RESULTFIELD']._serialized_end=1505
+  _globals['_VERSIONSTATE']._serialized_start=1507
+  _globals['_VERSIONSTATE']._serialized_end=1632
   _globals['_STATE']._serialized_start=46
   _globals['_STATE']._serialized_end=83
   _globals['_ENCODEREQUEST']._serialized_start=86
-  _globals['_ENCODEREQUEST']._serialized_end=245
-  _globals['_WORDRESULT']._serialized_start=247
-  _globals['_WORDRESULT']._serialized_end=351
-  _globals['_TIMING']._serialized_start=353
-  _globals['_TIMING']._serialized_end=419
-  _globals['_ENCODERESPONSE']._serialized_start=422
-  _globals['_ENCODERESPONSE']._serialized_end=588
-  _globals['_LISTMODELSREQUEST']._serialized_start=590
-  _globals['_LISTMODELSREQUEST']._serialized_end=609
-  _globals['_LISTMODELSRESPONSE']._serialized_start=611
-  _globals['_LISTMODELSRESPONSE']._serialized_end=674
-  _globals['_GETMODELREQUEST']._serialized_start=676
-  _globals['_GETMODELREQUEST']._serialized_end=724
-  _globals['_VERSIONSTATUS']._serialized_start=726
-  _globals['_VERSIONSTATUS']._serialized_end=834
-  _globals['_MODELMETADATA']._serialized_start=837
-  _globals['_MODELMETADATA']._serialized_end=1223
-  _globals['_MODELMETADATA_ARTIFACTSHA256ENTRY']._serialized_start=1170
-  _globals['_MODELMETADATA_ARTIFACTSHA256ENTRY']._serialized_end=1223
-  _globals['_CHARRNN']._serialized_start=1475
-  _globals['_CHARRNN']._serialized_end=1769
+  _globals['_ENCODEREQUEST']._serialized_end=286
+  _globals['_WORDRESULT']._serialized_start=288
+  _globals['_WORDRESULT']._serialized_end=392
+  _globals['_TIMING']._serialized_start=394
+  _globals['_TIMING']._serialized_end=460
+  _globals['_ENCODERESPONSE']._serialized_start=463
+  _globals['_ENCODERESPONSE']._serialized_end=629
+  _globals['_LISTMODELSREQUEST']._serialized_start=631
+  _globals['_LISTMODELSREQUEST']._serialized_end=650
+  _globals['_LISTMODELSRESPONSE']._serialized_start=652
+  _globals['_LISTMODELSRESPONSE']._serialized_end=715
+  _globals['_GETMODELREQUEST']._serialized_start=717
+  _globals['_GETMODELREQUEST']._serialized_end=765
+  _globals['_VERSIONSTATUS']._serialized_start=767
+  _globals['_VERSIONSTATUS']._serialized_end=875
+  _globals['_MODELMETADATA']._serialized_start=878
+  _globals['_MODELMETADATA']._serialized_end=1264
+  _globals['_MODELMETADATA_ARTIFACTSHA256ENTRY']._serialized_start=1211
+  _globals['_MODELMETADATA_ARTIFACTSHA256ENTRY']._serialized_end=1264
+  _globals['_CHARRNN']._serialized_start=1635
+  _globals['_CHARRNN']._serialized_end=1929
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,13 @@ class InvalidWordPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_WORD_POLICY_REJECT: _ClassVar[InvalidWordPolicy]
     INVALID_WORD_POLICY_REPORT: _ClassVar[InvalidWordPolicy]
 
+class ResultField(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESULT_FIELD_UNSPECIFIED: _ClassVar[ResultField]
+    RESULT_FIELD_OUTPUTS: _ClassVar[ResultField]
+    RESULT_FIELD_HIDDEN: _ClassVar[ResultField]
+    RESULT_FIELD_CELL: _ClassVar[ResultField]
+
 class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VERSION_STATE_UNSPECIFIED: _ClassVar[VersionState]
@@ -22,6 +29,10 @@ class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 INVALID_WORD_POLICY_UNSPECIFIED: InvalidWordPolicy
 INVALID_WORD_POLICY_REJECT: InvalidWordPolicy
 INVALID_WORD_POLICY_REPORT: InvalidWordPolicy
+RESULT_FIELD_UNSPECIFIED: ResultField
+RESULT_FIELD_OUTPUTS: ResultField
+RESULT_FIELD_HIDDEN: ResultField
+RESULT_FIELD_CELL: ResultField
 VERSION_STATE_UNSPECIFIED: VersionState
 VERSION_STATE_READY: VersionState
 VERSION_STATE_FAILED: VersionState
@@ -36,18 +47,20 @@ class State(_message.Message):
     def __init__(self, hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "words", "initial_states", "invalid_words", "version")
+    __slots__ = ("model", "words", "initial_states", "invalid_words", "version", "fields")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORDS_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATES_FIELD_NUMBER: _ClassVar[int]
     INVALID_WORDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     words: _containers.RepeatedScalarFieldContainer[str]
     initial_states: _containers.RepeatedCompositeFieldContainer[State]
     invalid_words: InvalidWordPolicy
     version: int
-    def __init__(self, model: _Optional[str] = ..., words: _Optional[_Iterable[str]] = ..., initial_states: _Optional[_Iterable[_Union[State, _Mapping]]] = ..., invalid_words: _Optional[_Union[InvalidWordPolicy, str]] = ..., version: _Optional[int] = ...) -> None: ...
+    fields: _containers.RepeatedScalarFieldContainer[ResultField]
+    def __init__(self, model: _Optional[str] = ..., words: _Optional[_Iterable[str]] = ..., initial_states: _Optional[_Iterable[_Union[State, _Mapping]]] = ..., invalid_words: _Optional[_Union[InvalidWordPolicy, str]] = ..., version: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[ResultField, str]]] = ...) -> None: ...
 
 class WordResult(_message.Message):
     __slots__ = ("word", "length", "outputs", "hidden", "cell", "error")

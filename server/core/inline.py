@@ -1,0 +1,81 @@
+"""Inline runs: a run predicted to be tiny runs on the event loop itself instead of onnxruntime's thread.
+
+Handing a run to onnxruntime's own thread (session.run_async) and getting the result back costs a thread
+wake-up each way, 0.1-0.25 ms on a 2-core VM, where a one-word run of a small model computes in about 20 us:
+for such runs the hand-off is ten times the work. RunPredictor keeps, per runner (one per loaded model
+version), moving averages of run time by batch size, bucketed by the one-hot batch's cells (words x longest
+word, to a power of two), and decides each run's path:
+
+- inline, when the bucket's average over inline runs is at most `max_s` (--inline-max-us);
+- an inline *probe*, once every PROBE_EVERY runs of a bucket whose average (either path) is at most
+  PROBE_MAX_S: a bucket known only through the thread path (whose times include the hand-off) gets a
+  measurement of the compute alone. A probe blocks the loop about as long as the bucket's runs take, so at
+  most about PROBE_MAX_S;
+- onnxruntime's thread otherwise: a bucket never seen (a bigger batch, longer words than so far), and every
+  bucket whose runs are slower than that. So a run that could block the loop for long never runs inline,
+  and a model that becomes slow (a loaded machine, a new version) goes back to the thread by itself.
+
+Inline runs are timed like the others and keep the averages current. The outcome of an inline run is still
+delivered with loop.call_soon, so callers see the same order of events on both paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROBE_MAX_S = 0.001
+"""Buckets averaging more than this (on either path) are never probed inline."""
+PROBE_EVERY = 64
+"""A probe-eligible bucket not inline yet runs inline once every this many of its runs."""
+SMOOTHING = 0.1
+"""Weight of the newest run in a bucket's moving averages."""
+
+
+@dataclass(slots=True)
+class _Bucket:
+    inline_s: float | None = None
+    thread_s: float | None = None
+    runs_since_probe: int = 0
+
+
+@dataclass(slots=True)
+class RunPredictor:
+    """Per-runner moving averages of run time by batch size, and the inline-or-thread decision (module doc)."""
+
+    max_s: float
+    """A bucket whose inline runs average at most this runs inline."""
+    _buckets: dict[int, _Bucket] = field(default_factory=dict)
+
+    @staticmethod
+    def key(words: int, max_len: int) -> int:
+        """The bucket of a batch: its one-hot cells (words x longest word), to a power of two."""
+        return (words * max_len).bit_length()
+
+    def runs_inline(self, key: int) -> bool:
+        """Whether the next run of this bucket should run on the event loop."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = _Bucket()
+            return False
+        if bucket.inline_s is not None and bucket.inline_s <= self.max_s:
+            return True
+        known = [s for s in (bucket.inline_s, bucket.thread_s) if s is not None]
+        if not known or min(known) > PROBE_MAX_S:
+            return False
+        bucket.runs_since_probe += 1
+        if bucket.runs_since_probe >= PROBE_EVERY or bucket.inline_s is None:
+            bucket.runs_since_probe = 0
+            return True
+        return False
+
+    def observe(self, key: int, seconds: float, inline: bool) -> None:
+        """Record one run of the bucket (inline: on the loop, else on onnxruntime's thread)."""
+        bucket = self._buckets.setdefault(key, _Bucket())
+        if inline:
+            bucket.inline_s = seconds if bucket.inline_s is None else bucket.inline_s + SMOOTHING * (seconds - bucket.inline_s)
+        else:
+            bucket.thread_s = seconds if bucket.thread_s is None else bucket.thread_s + SMOOTHING * (seconds - bucket.thread_s)
+
+    def averages(self) -> dict[int, tuple[float | None, float | None]]:
+        """(inline, thread) average seconds per bucket, for tests and diagnostics."""
+        return {key: (bucket.inline_s, bucket.thread_s) for key, bucket in self._buckets.items()}

@@ -1,0 +1,57 @@
+"""clients/bench/scaling.py's generated sections: rendered from measurements (fake here), kept by the benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clients.bench import scaling
+
+pytestmark = pytest.mark.unit
+
+
+def rig_run(peer: str, words_per_s: float, cpu_pct: float) -> dict[str, object]:
+    return {
+        "peer": peer, "started": "2026-12-04 20:00:00 UTC", "finished": "2026-12-04 20:02:00 UTC",
+        "idle_rss_mib": 80.0, "idle_nprocs": 3,
+        "cells": [
+            {"batch_words": w, "concurrency": c, "words_per_s": words_per_s * w, "infer_per_s": words_per_s,
+             "p99_ms": 2.0, "server_cpu_pct": cpu_pct, "words_per_ort_call": 1.5}
+            for w, c in scaling.PEER_CELLS
+        ],
+    }
+
+
+def test_the_peer_table_states_ratios_cpu_per_request_and_its_sources(tmp_path: Path) -> None:
+    for name, wps, cpu in (("grpc-echo", 2000.0, 100.0), ("ours", 1000.0, 100.0), ("torchserve", 500.0, 50.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rig_run(name, wps, cpu)))
+    section = scaling.render_peers(tmp_path, "bash run_all.sh echo ours torchserve", "Shared machine.")
+    assert "| **ours** | 1,000 (2.0) |" in section
+    assert "| ours / TorchServe, words/s (target >= 1.0) | 2.00 |" in section
+    assert "| ours / echo, server CPU per request (target <= 1.3) | 2.00 |" in section  # 1000 us vs 500 us
+    assert "| **ours** | 1,000 | " in section  # server CPU us per request
+    assert "bash run_all.sh echo ours torchserve" in section and "Shared machine." in section
+
+
+def test_the_workers_table_takes_medians_and_ratios() -> None:
+    rows = [
+        {"repeat": r, "workers": w, "words": words, "concurrency": c, "words_per_s": 1000.0 * w + r,
+         "requests_per_s": 1000.0, "p99_ms": 5.0, "errors": {}, "server_cpu": 0.9, "client_cpu": 0.4,
+         "server_us_per_request": 900.0, "client_us_per_request": 400.0}
+        for r in range(2) for w in (1, 2) for words, c in scaling.CELLS
+    ]
+    section = scaling.render_workers(rows, "python -m clients.bench.scaling workers", "2026-12-04 20:00", 2, 5.0, (1.0, 1.0, 1.0))
+    assert "| 2 | 1 | 64 | 2,000 [2,000-2,001] | 5.0 | 90 | 900 | 400 | - |" in section
+    assert "| 2 | 2.00 | 2.00 | 2.00 | 2.00 |" in section
+
+
+def test_sections_are_replaced_in_place_and_survive_the_benchmark_rewrite() -> None:
+    begin, end = scaling.SECTIONS["workers"]
+    document = f"# Performance\n\nbody\n\n{begin}\nold\n{end}\n\ntail\n"
+    replaced = scaling.with_section(document, "workers", f"{begin}\nnew\n{end}\n")
+    assert "new" in replaced and "old" not in replaced and replaced.endswith("tail\n")
+    assert scaling.section_of(replaced, "workers") == f"{begin}\nnew\n{end}\n"
+    assert scaling.section_of(replaced, "peers") is None
+    assert scaling.with_section("# P\n", "peers", "X\n") == "# P\n\nX\n"
