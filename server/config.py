@@ -143,18 +143,33 @@ class ServerConfig:
 
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 """cgroup v2's CPU quota ("max 100000" or "QUOTA PERIOD"): what a container's --cpus or a pod's limit sets."""
+CFS_DIR = Path("/sys/fs/cgroup/cpu")
+"""cgroup v1's CPU controller (cpu.cfs_quota_us, -1 for none, and cpu.cfs_period_us): the same quota on hosts
+that still mount v1, such as Debian's Docker 20.10 here."""
 
 
-def usable_cores(cpu_max: Path = CPU_MAX) -> int:
+def _quota_cores(cpu_max: Path, cfs_dir: Path) -> int | None:
+    """The CPU quota in whole cores (rounded up), from cgroup v2 or else v1; None where there is none."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return None if quota == "max" else math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cfs_dir / "cpu.cfs_quota_us").read_text())
+        period_us = int((cfs_dir / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else math.ceil(quota_us / period_us)
+
+
+def usable_cores(cpu_max: Path = CPU_MAX, cfs_dir: Path = CFS_DIR) -> int:
     """CPUs this process may use: its affinity mask (taskset, cpusets), lowered to the cgroup's CPU quota
     rounded up (a container's --cpus, a Kubernetes CPU limit), at least 1."""
     cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota to read: the affinity mask alone
+    quota = _quota_cores(cpu_max, cfs_dir)
+    if quota is not None:
+        cores = min(cores, quota)
     return max(1, cores)
 
 

@@ -423,14 +423,22 @@ def test_usable_cores_honours_the_affinity_mask_and_a_cgroup_quota(tmp_path: Pat
     import os
 
     affinity = len(os.sched_getaffinity(0))
-    cpu_max = tmp_path / "cpu.max"
-    assert usable_cores(tmp_path / "absent") == affinity
+    cpu_max, absent = tmp_path / "cpu.max", tmp_path / "absent"
+    assert usable_cores(absent, absent) == affinity
     cpu_max.write_text("max 100000\n")
-    assert usable_cores(cpu_max) == affinity
+    assert usable_cores(cpu_max, absent) == affinity
     cpu_max.write_text("150000 100000\n")  # --cpus 1.5: two workers, if the mask allows two
-    assert usable_cores(cpu_max) == min(affinity, 2)
+    assert usable_cores(cpu_max, absent) == min(affinity, 2)
     cpu_max.write_text("50000 100000\n")
-    assert usable_cores(cpu_max) == 1
+    assert usable_cores(cpu_max, absent) == 1
+    # cgroup v1 (Docker 20.10 on a v1 host): cpu.cfs_quota_us / cpu.cfs_period_us, -1 for no quota
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cores(absent, v1) == affinity
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")  # --cpus 1
+    assert usable_cores(absent, v1) == 1
 
 
 def test_only_a_supervisors_workers_share_the_port() -> None:
