@@ -5,15 +5,15 @@ work, and responses are the wire bytes charrnn_v1_codec.encode_response() wrote.
 registered (add_to_server) with a response serialiser that passes those bytes through, so a response is never
 parsed into a message and serialised again. Errors become statuses in status.py, counted here first.
 
-Requests arrive as raw bytes (no request deserialiser) and are parsed by the handler (_admit): bytes that do not
-parse get INVALID_ARGUMENT/MALFORMED_REQUEST naming the message type, on every RPC and every stream message,
-instead of gRPC's UNKNOWN naming a Python exception class. _admit also counts the bytes against the server's
-ByteBudget until the response is handed back.
+Requests arrive as raw bytes (no request deserialiser) and are parsed by the handler (observed.admit, through
+FrontEnd.admitted for unary RPCs): bytes that do not parse get INVALID_ARGUMENT/MALFORMED_REQUEST naming the
+message type, on every RPC and every stream message, instead of gRPC's UNKNOWN naming a Python exception
+class. admit() also counts the bytes against the server's ByteBudget until the response is handed back.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -28,7 +28,7 @@ from server.core.engine import VersionState
 from server.core.errors import ServiceError
 from server.core.runtime import ModelRuntime
 from server.grpc.charrnn_v1_codec import encode_response, initial_state, result_fields
-from server.grpc.observed import ANSWERED_VERSION, FrontEnd, admit, raising
+from server.grpc.observed import ANSWERED_VERSION, FrontEnd, admit, in_order
 from server.grpc.status import abort, status_code
 
 logger = logging.getLogger(__name__)
@@ -57,56 +57,35 @@ class CharRnnService(FrontEnd):
 
     async def Encode(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Unary encode; bad words fail the request unless the request asks for REPORT. Returns the wire bytes."""
-        try:
-            request = self._admit(pb.EncodeRequest, data)
-        except ServiceError as error:
-            return await self._observed("Encode", "", context, raising(error))
-        try:
-            return await self._observed(
-                "Encode", request.model, context, lambda: self._encode(request, default_report=False)
-            )
-        finally:
-            self.budget.give(len(data))
+        return await self.admitted("Encode", pb.EncodeRequest, data, context, lambda request: self._observed(
+            "Encode", request.model, context, lambda: self._encode(request, default_report=False)
+        ))
 
     async def EncodeStream(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """One response per request message, in order, with up to STREAM_PIPELINE_DEPTH messages in flight."""
-        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_PIPELINE_DEPTH)
-
-        async def read() -> None:
-            try:
-                async for data in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_message(data)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
+        """One response per request message, in order, with up to STREAM_PIPELINE_DEPTH messages in flight; the
+        first message that fails ends the stream with its status."""
         try:
-            while (task := await pending.get()) is not None:
-                try:
-                    yield await task
-                except grpc.aio.AbortError:
-                    raise
-                except ServiceError as error:
-                    await abort(context, error)
-                except Exception as error:
-                    logger.exception("EncodeStream failed")
-                    await abort(context, error)
-            await reader  # surface a failure of the request stream itself
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
+            async with contextlib.aclosing(
+                in_order(request_iterator, self._stream_message, STREAM_PIPELINE_DEPTH)
+            ) as responses:
+                async for response in responses:
+                    yield response
+        except grpc.aio.AbortError:
+            raise
+        except ServiceError as error:
+            await abort(context, error)
+        except Exception as error:
+            logger.exception("EncodeStream failed")
+            await abort(context, error)
 
     async def _stream_message(self, data: bytes) -> bytes:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         model = ""
         try:
-            request = self._admit(pb.EncodeRequest, data)  # taken here, so a task cancelled unstarted holds nothing
+            request = admit(self.budget, pb.EncodeRequest, data)  # taken here, so a task cancelled unstarted holds nothing
         except ServiceError as error:
             self._recorder.record("EncodeStream", model, status_code(error), started)
             raise
@@ -122,37 +101,18 @@ class CharRnnService(FrontEnd):
 
     async def ListModels(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Metadata of every loaded model, sorted by name."""
-        try:
-            self._admit(pb.ListModelsRequest, data)
-        except ServiceError as error:
-            return await self._observed("ListModels", "", context, raising(error))
-        try:
-            return await self._observed(
-                "ListModels", "", context,
-                _as_async(lambda: pb.ListModelsResponse(
-                    models=[self._metadata(m) for _, m in sorted(self.engine.models.items())]
-                )),
-            )
-        finally:
-            self.budget.give(len(data))
+        return await self.admitted("ListModels", pb.ListModelsRequest, data, context, lambda _: self._observed(
+            "ListModels", "", context, _as_async(lambda: pb.ListModelsResponse(
+                models=[self._metadata(m) for _, m in sorted(self.engine.models.items())]
+            )),
+        ))
 
     async def GetModel(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
         """One model's metadata: its default version's, or the loaded version asked for."""
-        try:
-            request = self._admit(pb.GetModelRequest, data)
-        except ServiceError as error:
-            return await self._observed("GetModel", "", context, raising(error))
-        try:
-            return await self._observed(
-                "GetModel", request.name, context,
-                _as_async(lambda: self._metadata(self.engine.model(request.name, request.version))),
-            )
-        finally:
-            self.budget.give(len(data))
-
-    def _admit(self, message_type: type[Request], data: bytes) -> Request:
-        """observed.admit() against this server's byte budget."""
-        return admit(self.budget, message_type, data)
+        return await self.admitted("GetModel", pb.GetModelRequest, data, context, lambda request: self._observed(
+            "GetModel", request.name, context,
+            _as_async(lambda: self._metadata(self.engine.model(request.name, request.version))),
+        ))
 
     async def _observed(
         self,
@@ -215,7 +175,7 @@ def add_to_server(service: CharRnnService, server: grpc.aio.Server) -> None:
 
 def method_handlers(service: CharRnnService) -> dict[str, grpc.RpcMethodHandler]:
     """Every charrnn.v1.CharRnn method's handler, by method name. Requests reach the handlers as bytes (no
-    request deserialiser): each handler parses its own (CharRnnService._admit), so malformed bytes get a clear
+    request deserialiser): each handler parses its own (observed.admit), so malformed bytes get a clear
     status; REQUEST_TYPES says which message each one parses."""
     return {
         "Encode": grpc.unary_unary_rpc_method_handler(service.Encode, response_serializer=_wire_bytes),

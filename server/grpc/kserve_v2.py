@@ -12,7 +12,7 @@ model_configuration (ModelConfig) and statistics (ModelStatistics) extensions. E
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +41,7 @@ from server.grpc.kserve_v2_codec import (
     input_specs,
     output_specs,
 )
-from server.grpc.observed import ANSWERED_VERSION, FrontEnd, admit, raising
+from server.grpc.observed import ANSWERED_VERSION, FrontEnd, admit, in_order
 from server.grpc.status import INTERNAL_MESSAGE, status_code
 from server.metrics import Metrics
 
@@ -126,26 +126,11 @@ class KServeV2Service(FrontEnd):
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in order; a failed request gets `error_message` and the stream goes on."""
-        pending: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue(STREAM_PIPELINE_DEPTH)
-
-        async def read() -> None:
-            try:
-                async for data in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_message(data)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader  # surface a failure of the request stream itself
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
+        async with contextlib.aclosing(
+            in_order(request_iterator, self._stream_message, STREAM_PIPELINE_DEPTH)
+        ) as responses:
+            async for response in responses:
+                yield response
 
     async def _stream_message(self, data: bytes) -> pb.ModelStreamInferResponse:
         started = time.perf_counter()
@@ -312,14 +297,7 @@ def _admitted(service: KServeV2Service, name: str, request_type: type[Any]) -> C
     handler = getattr(service, name)
 
     async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            request = admit(service.budget, request_type, data)
-        except ServiceError as error:
-            return await service._recorder.observed(name, "", context, raising(error))
-        try:
-            return await handler(request, context)
-        finally:
-            service.budget.give(len(data))
+        return await service.admitted(name, request_type, data, context, lambda request: handler(request, context))
 
     call.request_type = request_type  # type: ignore[attr-defined]  # what it parses (tests check the proto's)
     return call

@@ -10,7 +10,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from typing import Any, TypeVar
 
 import grpc
@@ -53,6 +53,26 @@ class FrontEnd:
         if self._engine is None:
             raise ModelsLoadingError("the server is still loading its models; retry shortly")
         return self._engine
+
+    async def admitted(
+        self,
+        method: str,
+        message_type: type[Request],
+        data: bytes,
+        context: grpc.aio.ServicerContext,
+        answer: Callable[[Request], Awaitable[Response]],
+    ) -> Response:
+        """Parse a unary request against the byte budget (admit()) and answer it; a request refused before it
+        ran (bytes that do not parse, the budget full) is counted and answered by observed(). The request's
+        bytes are given back once it is answered."""
+        try:
+            request = admit(self.budget, message_type, data)
+        except ServiceError as error:
+            return await self._recorder.observed(method, "", context, raising(error))
+        try:
+            return await answer(request)
+        finally:
+            self.budget.give(len(data))
 
 
 class RpcRecorder:
@@ -146,3 +166,34 @@ def raising(error: ServiceError) -> Callable[[], Awaitable[Any]]:
         raise error
 
     return call
+
+
+T = TypeVar("T")
+
+
+async def in_order(
+    messages: AsyncIterator[bytes], handle: Callable[[bytes], Awaitable[T]], depth: int
+) -> AsyncIterator[T]:
+    """The results of a stream's messages, in order, with up to `depth` handled at once; beyond that the stream
+    is not read (flow control). A handler's exception comes out here, as does one of the request stream itself.
+    Use it under contextlib.aclosing(), so that stopping early cancels the messages still in hand at once."""
+    pending: asyncio.Queue[asyncio.Task[T] | None] = asyncio.Queue(depth)
+
+    async def read() -> None:
+        try:
+            async for data in messages:
+                await pending.put(asyncio.ensure_future(handle(data)))
+        finally:
+            await pending.put(None)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (task := await pending.get()) is not None:
+            yield await task
+        await reader  # surface a failure of the request stream itself
+    finally:
+        reader.cancel()
+        while not pending.empty():
+            leftover = pending.get_nowait()
+            if leftover is not None:
+                leftover.cancel()
