@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from collections.abc import Mapping
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

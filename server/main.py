@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from export.manifest import ManifestError
 from server.config import ServerConfig, parse_config
@@ -26,7 +26,7 @@ from server.core.runtime import DeviceUnavailableError
 from server.grpc import kserve_v2
 from server.grpc.auth import TokenFileError
 from server.grpc.charrnn_v1 import SERVICE_NAME, CharRnnService, add_to_server
-from server.grpc.malformed import MalformedRequestInterceptor
+from server.grpc.malformed import ParsingRegistrar
 from server.grpc.security import CredentialsError, ServerSecurity, is_loopback
 from server.metrics import Metrics
 
@@ -91,16 +91,18 @@ async def create_server(config: ServerConfig) -> RunningServer:
         logger.warning("bearer tokens over plaintext on %s: anyone on the path can read them "
                        "(fine only if TLS ends in front of the server, e.g. at a mesh sidecar)", config.address)
     # TLS and tokens are server-wide: every service registered on this server is behind them.
-    # The malformed-request interceptor comes last: inside the token check (see server/grpc/malformed.py).
-    server = grpc.aio.server(
-        options=config.grpc_options(), interceptors=[*security.interceptors, MalformedRequestInterceptor()]
-    )
+    server = grpc.aio.server(options=config.grpc_options(), interceptors=security.interceptors)
     health_servicer = health.aio.HealthServicer()
     for name in (OVERALL, *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    # grpcio's own services register through ParsingRegistrar: bytes that do not parse get MALFORMED_REQUEST.
+    registrar = ParsingRegistrar(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(  # what enable_server_reflection registers on a grpc.aio server
+            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        ),
+        registrar,
     )
     budget = ByteBudget(config.max_inflight_bytes)  # one budget over every front end
     service = CharRnnService(metrics, budget)

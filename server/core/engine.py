@@ -29,7 +29,6 @@ import numpy.typing as npt
 
 from server.core.alphabet import WordIndices
 from server.core.batcher import Batcher, BatchSettings, DirectRunner, RunObserver, RunStats
-from server.core.inline import RunPredictor
 from server.core.errors import (
     InvalidRequestError,
     InvalidWordError,
@@ -39,6 +38,7 @@ from server.core.errors import (
     VersionNotFoundError,
     shown_word,
 )
+from server.core.inline import RunPredictor
 from server.core.runtime import ModelRuntime, RunOutputs
 
 logger = logging.getLogger(__name__)

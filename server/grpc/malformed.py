@@ -3,14 +3,14 @@
 Our front ends (charrnn_v1, kserve_v2) take raw bytes and parse them themselves (observed.admit). The services
 grpcio ships (grpc.health.v1, server reflection) register protobuf deserialisers, and a DecodeError there
 reaches the client as `UNKNOWN: Unexpected <class 'google.protobuf.message.DecodeError'>`, a Python class
-name. This interceptor wraps such a handler's deserialiser so that bytes that do not parse become a marker,
-and the handler's behaviour answers the marker with the same status our services give: INVALID_ARGUMENT
-`request is not a valid <type>`, reason MALFORMED_REQUEST.
+name. They register through a ParsingRegistrar, which wraps each handler's deserialiser once, so that bytes
+that do not parse become a marker, and the handler's behaviour answers the marker with the same status our
+services give: INVALID_ARGUMENT `request is not a valid <type>`, reason MALFORMED_REQUEST.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -96,19 +96,33 @@ def _wrapped(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler that parses its requests with protobuf (see the module doc); ours pass untouched.
+class ParsingRegistrar:
+    """Stands in for the grpc server while grpcio's own services register (add_HealthServicer_to_server,
+    add_ServerReflectionServicer_to_server), wrapping each handler's deserialiser once, at start-up; our own
+    services register on the server itself and pay nothing per call."""
 
-    It must come after the token interceptor in the server's list (inside it), so that it only ever sees the
-    real handlers, and a caller without a token is refused before any byte of its request is parsed.
-    """
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler  # unknown method, or one of ours (it parses raw bytes itself)
-        return _wrapped(handler)
+    def add_generic_rpc_handlers(self, generic_handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(handler) for handler in generic_handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _wrapped(handler) for name, handler in handlers.items()}
+        )
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped, each once."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if method not in self._wrapped:
+            handler = self._inner.service(handler_call_details)
+            self._wrapped[method] = None if handler is None else _wrapped(handler)
+        return self._wrapped[method]
