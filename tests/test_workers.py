@@ -158,7 +158,7 @@ def test_sigterm_drains_every_worker(model_repository: Path, tmp_path: Path) -> 
     server = start_server(model_repository, tmp_path, "--workers", "2", "--max-batch-words", "300")
     rng = np.random.default_rng(0)
     letters = np.array(list(LARGE_ALPHABET))
-    words = ["".join(rng.choice(letters, size=64)) for _ in range(300)]
+    words = ["".join(rng.choice(letters, size=128)) for _ in range(300)]  # about a second of work in all
     channels = [own_channel(server.target) for _ in range(CONNECTIONS)]
     outcomes: dict[int, object] = {}
     barrier = threading.Barrier(CONNECTIONS + 1)
@@ -178,8 +178,8 @@ def test_sigterm_drains_every_worker(model_repository: Path, tmp_path: Path) -> 
         for thread in threads:
             thread.start()
         barrier.wait(30)
-        time.sleep(0.5)
-        spread = connections_per_worker(server)
+        spread = connections_per_worker(server)  # connected by the warm-up calls, before the burst
+        time.sleep(0.2)  # every request has reached a worker
         finished_before_signal = len(outcomes)
         server.process.send_signal(signal.SIGTERM)
         for thread in threads:
