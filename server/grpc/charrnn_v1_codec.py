@@ -223,19 +223,22 @@ def _serialise_vectorised(rows: RequestRows, header: bytes, fields: ResultFields
     """header + every word's WordResult, built with numpy a group at a time, where that pays; else None.
 
     Handles the common case: every word good and ASCII (byte length = letters). Words of the same length
-    have records of the same layout, so each length group is one 2-D byte block filled column range by
-    column range (constant headers broadcast, word bytes, the float32 arrays viewed as bytes); the rows
-    are then joined in request order. With a single group the block is written straight into the final
-    buffer after the header (no join, one copy less of a possibly large response). Each group costs a
-    dozen numpy calls, so this is used only with enough words per group; small requests, bad words
-    reported and non-ASCII words take the loop (_append_results).
+    have records of the same layout (_RecordLayout, made once per length and selection): each length group is
+    one 2-D byte block, its constant bytes broadcast from the layout's template row and the variable column
+    ranges (word bytes, the float32 arrays viewed as bytes) filled in; the rows are then joined in request
+    order. With a single group the block is written straight into the final buffer after the header (no join,
+    one copy less of a possibly large response). Each group costs several numpy calls, so this is used only
+    with enough words per group; small requests, bad words reported and non-ASCII words take the loop
+    (_append_results).
     """
     outputs_array = rows.outputs
     words = rows.words
     if outputs_array is None or rows.problems is not None or len(words) < VECTORISE_WORDS_PER_GROUP:
         return None
-    lengths = rows.lengths.astype(np.int64)
-    unique = np.unique(lengths)
+    lengths = rows.lengths
+    first = int(lengths[0])
+    single = bool((lengths == first).all())
+    unique = [first] if single else np.unique(lengths).tolist()
     if len(words) < VECTORISE_WORDS_PER_GROUP * len(unique):
         return None
     joined = "".join(words)
@@ -245,57 +248,88 @@ def _serialise_vectorised(rows: RequestRows, header: bytes, fields: ResultFields
     outputs, h_n, c_n = outputs_array.outputs, outputs_array.h_n, outputs_array.c_n
     hidden_size = outputs.shape[2]
     state_bytes = h_n.shape[0] * h_n.shape[2] * 4
-    single = len(unique) == 1
     final: npt.NDArray[np.uint8] | None = None
     rows_of_group: list[npt.NDArray[np.intp]] = []
     blocks: list[npt.NDArray[np.uint8]] = []
-    for length in unique.tolist():
-        rows = np.arange(len(words)) if single else np.flatnonzero(lengths == length)
-        pick: slice | npt.NDArray[np.intp] = slice(None) if single else rows
-        count = len(rows)
-        floats = length * hidden_size * 4 if fields.outputs else 0
-        word_letters = (
-            letters.reshape(count, length) if single
-            else letters[(np.cumsum(lengths) - lengths)[rows, None] + np.arange(length)]
-        )
-        columns: list[bytes | npt.NDArray[np.uint8]] = [
-            _WORD + _len_prefix(length),  # ASCII: the word's byte length is its length
-            word_letters,
-            _LENGTH + _len_prefix(length) + (_OUTPUTS + _len_prefix(floats) if floats else b""),
-        ]
-        if floats:
-            columns.append(_as_bytes(outputs[pick, :length], count))
-        if state_bytes:
-            if fields.hidden:
-                columns += [_HIDDEN + _len_prefix(state_bytes), _as_bytes(h_n[:, pick].transpose(1, 0, 2), count)]
-            if c_n is not None and fields.cell:
-                columns += [_CELL + _len_prefix(state_bytes), _as_bytes(c_n[:, pick].transpose(1, 0, 2), count)]
-        body = sum(len(column) if isinstance(column, bytes) else column.shape[1] for column in columns)
-        columns.insert(0, _RESULT + _len_prefix(body))
-        width = body + len(columns[0])
+    for length in unique:
+        layout = _record_layout(length, hidden_size, state_bytes, fields, c_n is not None)
         if single:
-            final = np.empty(len(header) + count * width, dtype=np.uint8)
+            count = len(words)
+            group: npt.NDArray[np.intp] = np.arange(count)
+            pick: slice | npt.NDArray[np.intp] = slice(None)
+            word_letters = letters.reshape(count, length)
+            final = np.empty(len(header) + count * layout.width, dtype=np.uint8)
             final[: len(header)] = np.frombuffer(header, dtype=np.uint8)
-            block = final[len(header) :].reshape(count, width)
+            block = final[len(header) :].reshape(count, layout.width)
         else:
-            block = np.empty((count, width), dtype=np.uint8)
-        offset = 0
-        for column in columns:
-            span = len(column) if isinstance(column, bytes) else column.shape[1]
-            block[:, offset : offset + span] = (
-                np.frombuffer(column, dtype=np.uint8) if isinstance(column, bytes) else column
-            )
-            offset += span
-        rows_of_group.append(rows)
+            wide = lengths.astype(np.int64)
+            group = pick = np.flatnonzero(wide == length)
+            count = len(group)
+            word_letters = letters[(np.cumsum(wide) - wide)[group, None] + np.arange(length)]
+            block = np.empty((count, layout.width), dtype=np.uint8)
+        block[:] = layout.template
+        block[:, layout.letters : layout.letters + length] = word_letters
+        if layout.outputs is not None:
+            block[:, layout.outputs : layout.outputs + length * hidden_size * 4] = _as_bytes(outputs[pick, :length], count)
+        if layout.hidden is not None:
+            block[:, layout.hidden : layout.hidden + state_bytes] = _as_bytes(h_n[:, pick].transpose(1, 0, 2), count)
+        if layout.cell is not None and c_n is not None:
+            block[:, layout.cell : layout.cell + state_bytes] = _as_bytes(c_n[:, pick].transpose(1, 0, 2), count)
+        rows_of_group.append(group)
         blocks.append(block)
     if final is not None:
         return memoryview(final)
     records: list[bytes | memoryview] = [b""] * len(words)
-    for rows, block in zip(rows_of_group, blocks, strict=True):
+    for group, block in zip(rows_of_group, blocks, strict=True):
         view, width = memoryview(block.reshape(-1)), block.shape[1]
-        for index, row in enumerate(rows.tolist()):
+        for index, row in enumerate(group.tolist()):
             records[row] = view[index * width : (index + 1) * width]
     return b"".join([header, *records])
+
+
+@dataclass(frozen=True, slots=True)
+class _RecordLayout:
+    """The wire layout of one good ASCII word's WordResult of a given length: a template row holding every
+    constant byte (tags, lengths) and the offsets of the variable ranges (None: not sent)."""
+
+    template: npt.NDArray[np.uint8]
+    width: int
+    letters: int
+    outputs: int | None
+    hidden: int | None
+    cell: int | None
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_layout(length: int, hidden_size: int, state_bytes: int, fields: ResultFields, has_cell: bool) -> _RecordLayout:
+    floats = length * hidden_size * 4 if fields.outputs else 0
+    pieces: list[bytes | int] = [  # bytes: constant; int: a variable range of that many bytes
+        _WORD + _len_prefix(length), length,  # ASCII: the word's byte length is its length
+        _LENGTH + _len_prefix(length) + (_OUTPUTS + _len_prefix(floats) if floats else b""),
+    ]
+    if floats:
+        pieces.append(floats)
+    if state_bytes and fields.hidden:
+        pieces += [_HIDDEN + _len_prefix(state_bytes), state_bytes]
+    if state_bytes and has_cell and fields.cell:
+        pieces += [_CELL + _len_prefix(state_bytes), state_bytes]
+    body = sum(len(piece) if isinstance(piece, bytes) else piece for piece in pieces)
+    pieces.insert(0, _RESULT + _len_prefix(body))
+    template = bytearray()
+    offsets: list[int] = []
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            template += piece
+        else:
+            offsets.append(len(template))
+            template += bytes(piece)
+    variable = iter(offsets[1:])
+    return _RecordLayout(
+        np.frombuffer(bytes(template), dtype=np.uint8), len(template), offsets[0],
+        next(variable) if floats else None,
+        next(variable) if state_bytes and fields.hidden else None,
+        next(variable) if state_bytes and has_cell and fields.cell else None,
+    )
 
 
 def _as_bytes(array: npt.NDArray[np.float32], rows: int) -> npt.NDArray[np.uint8]:
