@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics_core import Metric
@@ -44,6 +45,8 @@ class Metrics:
         """Where model_counts() reads: this registry alone, or with workers the sum over every worker."""
         self._shown: set[tuple[str, str, str]] = set()
         self._shown_defaults: set[str] = set()
+        self._run_children: dict[str, tuple[Any, Any, Any]] = {}
+        """observe_run's metric children by model: labels() is a locked lookup per call, this a dict get."""
         self.requests = Counter(
             "charrnn_requests", "RPCs handled, by method, model, the version that answered and gRPC status code.",
             ["method", "model", "version", "code"], registry=self.registry,
@@ -93,9 +96,14 @@ class Metrics:
 
     def observe_run(self, model: str, words: int, seconds: float) -> None:
         """Record one onnxruntime run."""
-        self.inference_seconds.labels(model).observe(seconds)
-        self.batch_words.labels(model).observe(words)
-        self.last_run.labels(model).set_to_current_time()
+        children = self._run_children.get(model)
+        if children is None:
+            children = self._run_children[model] = (
+                self.inference_seconds.labels(model), self.batch_words.labels(model), self.last_run.labels(model)
+            )
+        children[0].observe(seconds)
+        children[1].observe(words)
+        children[2].set_to_current_time()
 
     def model_counts(self, model: str) -> ModelCounts:
         """One model's totals since start-up, read back from the metrics (not kept twice)."""
