@@ -35,6 +35,15 @@ def test_the_peer_table_states_ratios_cpu_per_request_and_its_sources(tmp_path: 
     assert "bash run_all.sh echo ours torchserve" in section and "Shared machine." in section
 
 
+def test_a_tagged_run_of_ours_is_a_variant_row_beside_the_first(tmp_path: Path) -> None:
+    for name, wps in (("ours", 1000.0), ("ours-inline100", 900.0), ("torchserve", 500.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rig_run(name, wps, 100.0)))
+    section = scaling.render_peers(tmp_path, "TAG=-inline100 bash run_all.sh ours", "Shared machine.")
+    assert "| ours, variant `inline100` | 900 (2.0) |" in section
+    assert section.index("| **ours** |") < section.index("variant `inline100`") < section.index("| TorchServe |")
+    assert "| ours / TorchServe, words/s (target >= 1.0) | 2.00 |" in section  # ratios are the first run's
+
+
 def test_the_workers_table_takes_medians_and_ratios() -> None:
     rows = [
         {"repeat": r, "workers": w, "words": words, "concurrency": c, "words_per_s": 1000.0 * w + r,

@@ -192,9 +192,11 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
     """The peers section, from the rig's JSON files (grpc-echo, ours, torchserve; -run2 repeats too)."""
     begin, end = SECTIONS["peers"]
     runs = {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
-    order = [name for name in ("grpc-echo", "grpc-echo-run2", "ours", "ours-run2", "torchserve") if name in runs]
+    variants = sorted(name for name in runs if name.startswith("ours-") and name != "ours-run2")
+    order = [name for name in ("grpc-echo", "grpc-echo-run2", "ours", "ours-run2", *variants, "torchserve") if name in runs]
     titles = {"grpc-echo": "bare grpc.aio echo (no model)", "grpc-echo-run2": "echo, repeat", "ours": "**ours**",
               "ours-run2": "ours, repeat", "torchserve": "TorchServe"}
+    titles.update({name: f"ours, variant `{name[len('ours-'):]}`" for name in variants})  # TAG=-<variant> runs
 
     def cell(run: dict[str, object], words: int, concurrency: int) -> dict[str, object] | None:
         for item in run.get("cells", []):  # type: ignore[union-attr]
