@@ -18,7 +18,7 @@ def rig_run(peer: str, words_per_s: float, cpu_pct: float) -> dict[str, object]:
         "idle_rss_mib": 80.0, "idle_nprocs": 3,
         "cells": [
             {"batch_words": w, "concurrency": c, "words_per_s": words_per_s * w, "infer_per_s": words_per_s,
-             "p99_ms": 2.0, "server_cpu_pct": cpu_pct, "words_per_ort_call": 1.5}
+             "p99_ms": 2.0, "server_cpu_pct": cpu_pct, "client_cpu_pct": cpu_pct / 2, "words_per_ort_call": 1.5}
             for w, c in scaling.PEER_CELLS
         ],
     }
@@ -32,6 +32,9 @@ def test_the_peer_table_states_ratios_cpu_per_request_and_its_sources(tmp_path: 
     assert "| ours / TorchServe, words/s (target >= 1.0) | 2.00 |" in section
     assert "| ours / echo, server CPU per request (target <= 1.3) | 2.00 |" in section  # 1000 us vs 500 us
     assert "| **ours** | 1,000 | " in section  # server CPU us per request
+    assert "| **ours** | 500 | " in section  # client CPU us per request: 50 % / 1000 requests/s
+    # at c64: 2 CPUs / (echo's 500 us + our client's 500 us) = 2000 requests/s = 4x TorchServe's 500
+    assert "(echo server + our client us per request) | - | - | 4.00 | - | - | 4.00 |" in section
     assert "bash run_all.sh echo ours torchserve" in section and "Shared machine." in section
 
 

@@ -63,7 +63,7 @@ def render(report: Report, checks: list[Check]) -> str:
         "## In-process limit",
         "",
         "Our one-hot encoding (server.core.alphabet) + an onnxruntime run (`session.run_async` on the session's run "
-        "thread, waited for: the server's own path), one batch after another, the server's session options; no "
+        "thread, waited for: the server's path for runs not predicted tiny), one batch after another, the server's session options; no "
         "gRPC, no request parsing, no response building.",
         "",
         "| model | provider | batch (words) | ms per run | words/s |",
@@ -166,9 +166,9 @@ CEILINGS = """## Ceilings
 
 The last column of the targets bounds each ratio with figures from this same run, where a bound applies:
 - Latency (lower bound): the echo's round trip plus our handler's own time for one request without gRPC
-  (table "Our handler without gRPC", concurrency 1). The handler's time is mostly the hand-off to
-  onnxruntime's thread and back: onnxruntime never runs on the event loop, so every run costs a thread
-  wake-up each way.
+  (table "Our handler without gRPC", concurrency 1). The handler's time includes the model run: on the
+  event loop itself when the run is predicted tiny (--inline-max-us), otherwise handed to onnxruntime's
+  thread and back, a thread wake-up each way.
 - Throughput against the echo (upper bound), when the echo run already kept every core busy (CPU columns
   of the echo table: its server plus the load generator): each of our requests costs at least that CPU
   plus our handler's own CPU without gRPC, so at most echo / (echo + handler) of the echo's rate fits on
@@ -209,12 +209,13 @@ NOTES = """## How to read this
 - The queue delay (see Server flags) only lets a batch wait for company once traffic is evidently
   concurrent (several callers queued, or the first arrived while the model was busy); a lone request on an
   idle server never waits, so the concurrency-1 rows pay nothing for it.
-- Every onnxruntime run is started with session.run_async on onnxruntime's own thread and its outcome
-  posted back to the event loop: a thread wake-up each way that the echo never pays. On this VM a wake-up
-  of an idle core costs tens of microseconds, which is most of "Our handler without gRPC" at concurrency 1.
-- Where the server's time goes (py-spy on the server under 1-word load at concurrency 64, while
-  developing, not in this run): about half of the event loop's samples are gRPC's own per-call work in
-  its Cython layer (the echo pays it too), a fifth are our Python (checks, one-hot, batcher, response
-  bytes, metrics), the rest epoll and thread hand-offs; for 1024-word requests the model run and the
-  response bytes dominate.
+- A run predicted (per model and batch size) to take at most --inline-max-us (default 500 us) runs on the
+  event loop; any other is started with session.run_async on onnxruntime's own thread and its outcome
+  posted back to the event loop: a thread wake-up each way that the echo never pays, tens to hundreds of
+  microseconds on this VM (server/core/inline.py says when each path is taken).
+- Where the server's time goes (py-spy on one worker under 1-word load at concurrency 64, runs inline,
+  while developing, not in this run): about 42 % of the event loop's samples are gRPC's own per-call work
+  in its Cython layer (the echo pays it too), 10 % epoll, about a quarter our Python (checks, one-hot,
+  batcher, the model run itself about 9 %, response bytes, metrics); for 1024-word requests the model run
+  and the response bytes dominate.
 """

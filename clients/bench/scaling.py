@@ -40,6 +40,8 @@ SECTIONS = {
 CELLS = ((1, 8), (1, 64), (32, 8), (32, 64))
 """(words per request, concurrency) of the workers table."""
 PEER_CELLS = ((1, 1), (1, 8), (1, 64), (32, 1), (32, 8), (32, 64))
+CPUS = 2
+"""The rig machine's CPUs, shared by the server and the load generator (../shared/peers/README.md)."""
 
 
 def _pattern(name: str) -> re.Pattern[str]:
@@ -209,6 +211,11 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
             return float("nan")
         return float(item["server_cpu_pct"]) / 100.0 / float(item["infer_per_s"]) * 1e6  # type: ignore[arg-type]
 
+    def client_us_per_request(item: dict[str, object] | None) -> float:
+        if item is None or not item.get("infer_per_s") or item.get("client_cpu_pct") is None:
+            return float("nan")
+        return float(item["client_cpu_pct"]) / 100.0 / float(item["infer_per_s"]) * 1e6  # type: ignore[arg-type]
+
     windows = ", ".join(f"{name} {runs[name].get('started', '?')} - {runs[name].get('finished', '?')}" for name in order)
     header = " | ".join(f"{w} w, c{c}" for w, c in PEER_CELLS)
     lines = [
@@ -236,6 +243,11 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
     for name in order:
         lines.append(f"| {titles[name]} | " + " | ".join(
             f"{us_per_request(cell(runs[name], w, c)):,.0f}" for w, c in PEER_CELLS) + " |")
+    lines += ["", "Load generator CPU per request (client CPU % / requests/s), us: the other share of the same 2 CPUs:", "",
+              f"| server | {header} |", "|---|" + "---:|" * len(PEER_CELLS)]
+    for name in order:
+        lines.append(f"| {titles[name]} | " + " | ".join(
+            f"{client_us_per_request(cell(runs[name], w, c)):,.0f}" for w, c in PEER_CELLS) + " |")
     if "ours" in runs:
         lines += ["", "Ratios per cell (ours first pass):", "", f"| ratio | {header} |", "|---|" + "---:|" * len(PEER_CELLS)]
         for other, label in (("torchserve", "ours / TorchServe, words/s (target >= 1.0)"),
@@ -256,6 +268,19 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
         for words, concurrency in PEER_CELLS:
             item = cell(runs["ours"], words, concurrency)
             merged.append("-" if item is None or item.get("words_per_ort_call") is None else f"{float(item['words_per_ort_call']):.1f}")  # type: ignore[arg-type]
+        if "grpc-echo" in runs and "torchserve" in runs:
+            # Where both sides saturate the box (concurrency 64), requests/s <= CPUs / (server + client CPU per
+            # request): with a server as cheap as the echo (which runs no model), ours could do at most this.
+            bounds = []
+            for words, concurrency in PEER_CELLS:
+                mine, echo, theirs = (cell(runs[n], words, concurrency) for n in ("ours", "grpc-echo", "torchserve"))
+                if concurrency < 64 or mine is None or echo is None or theirs is None:
+                    bounds.append("-")
+                    continue
+                ceiling = CPUS / ((us_per_request(echo) + client_us_per_request(mine)) / 1e6) * words
+                bounds.append(f"{ceiling / float(theirs['words_per_s']):.2f}")  # type: ignore[arg-type]
+            lines.append("| bound at concurrency 64, ours / TorchServe, were our server CPU per request the echo's: "
+                         f"{CPUS} CPUs / (echo server + our client us per request) | " + " | ".join(bounds) + " |")
         lines.append("| ours: words per onnxruntime run (charrnn_batch_words) | " + " | ".join(merged) + " |")
     lines += ["", end]
     return "\n".join(lines) + "\n"
