@@ -87,8 +87,8 @@ class ServerConfig:
     inline_max_us: float = 500.0
     """Runs predicted (per model, by batch size) to take at most this many microseconds run on the event loop
     instead of onnxruntime's thread, whose hand-off costs more than such a run; 0: never (server/core/inline.py).
-    500, not 100: on 2 busy cores a one-word run inline takes 110-140 us (its compute alone 25 us), so at 100
-    almost every run took the thread, at 0.6-1.8 ms a run and about 10 % more server CPU per request."""
+    500, not 100: on 2 busy cores a one-word run inline takes 80-140 us (its compute alone 25 us), so at 100
+    almost every run took the thread, at 0.6-1.8 ms a run and 4-15 % more server CPU per request (README)."""
     workers: int = field(default_factory=lambda: usable_cores())
     """Server processes sharing the port (SO_REUSEPORT) under one supervisor (server/supervisor.py); 1: this
     process serves alone. Default (auto): one per usable core, the fastest measured on a 2-core machine with

@@ -1,8 +1,9 @@
 """Inline runs: a run predicted to be tiny runs on the event loop itself instead of onnxruntime's thread.
 
 Handing a run to onnxruntime's own thread (session.run_async) and getting the result back costs a thread
-wake-up each way, 0.1-0.25 ms on a 2-core VM, where a one-word run of a small model computes in about 20 us:
-for such runs the hand-off is ten times the work. RunPredictor keeps, per runner (one per loaded model
+wake-up each way, 0.1-0.25 ms on an idle 2-core VM and 0.6-1.8 ms with both cores busy, where a one-word run
+of a small model computes in about 25 us (80-140 us inline on busy cores): for such runs the hand-off is many
+times the work. RunPredictor keeps, per runner (one per loaded model
 version), moving averages of run time by batch size, bucketed by the one-hot batch's cells (words x longest
 word, to a power of two), and decides each run's path:
 
