@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from clients.bench.inprocess import measure_handler
+from clients.bench.inprocess import measure_handler, measure_inprocess
 from clients.bench.plan import LARGE_MODEL, MAIN_MODEL, QUICK, Cell, Report
 from clients.bench.report import render
 from clients.bench.targets import evaluate
@@ -153,3 +153,14 @@ def test_the_handler_is_measured_without_grpc_on_the_real_engine(model_repositor
         assert row["cpu_us_per_request"] > 0 and row["wall_us_per_request"] > 0
     # 32 words cost more than one: the measurement sees the work it claims to see.
     assert rows[2]["cpu_us_per_request"] > rows[1]["cpu_us_per_request"]
+
+
+@pytest.mark.e2e
+def test_the_in_process_limit_runs_the_highest_version_of_a_versioned_repository(model_repository: Path) -> None:
+    plan = replace(QUICK, inprocess_s=0.02, batches=(1, 32))
+    config = ServerConfig(repository=model_repository, device="cpu")
+    rows = measure_inprocess(config, plan)
+    assert [(row["model"], row["batch_words"]) for row in rows] == [
+        ("lstm", 1), ("lstm", 32), ("large_lstm", 1), ("large_lstm", 32)
+    ]
+    assert all(row["runs"] >= 3 and row["words_per_s"] > 0 for row in rows)

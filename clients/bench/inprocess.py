@@ -20,10 +20,11 @@ import numpy.typing as npt
 
 from clients.bench.plan import LARGE_MODEL, MAIN_MODEL, WORD_LENGTH, Plan, log
 from clients.client import build_request
+from export.manifest import scan_repository
 from server.config import ServerConfig
 from server.core.alphabet import WordIndices
 from server.core.engine import load_engine
-from server.core.runtime import ModelRuntime, RunOutputs
+from server.core.runtime import ModelRuntime, RunOutputs, load_version
 from server.grpc.charrnn_v1 import CharRnnService
 from server.metrics import Metrics
 
@@ -55,12 +56,14 @@ def _run_once(
         raise failures[0]
 
 
-def measure_inprocess(config: ServerConfig, plan: Plan) -> list[dict[str, Any]]:
-    """words/s of our one-hot encoding + an onnxruntime run for each batch size of the plan, both models, on
-    config.device with config.run_threads (the servers' session options)."""
+def measure_inprocess(
+    config: ServerConfig, plan: Plan, names: tuple[str, ...] = (MAIN_MODEL, LARGE_MODEL)
+) -> list[dict[str, Any]]:
+    """words/s of our one-hot encoding + an onnxruntime run for each batch size of the plan, for each model
+    (its highest version), on config.device with config.run_threads (the servers' session options)."""
     rows = []
-    for name in (MAIN_MODEL, LARGE_MODEL):
-        model = ModelRuntime(config.repository / name, config.device, config.run_threads)
+    for name in names:
+        model = load_version(scan_repository(config.repository)[name][-1], config.device, config.run_threads)
         rng = np.random.default_rng(0)
         for batch in plan.batches:
             encoded = model.alphabet.indices(random_words(model.manifest.alphabet, batch, rng))
