@@ -20,10 +20,10 @@ from torch import nn
 from clients.client import AsyncCharRnnClient, ResourceExhaustedError, State, build_request, parse_response
 from export.models import BUILTIN_SPECS, load_checkpoint, seeded_model
 from export.trace import PARITY_TOLERANCE, eager_word
+from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from server.core.batcher import BatchSettings
 from server.core.engine import Engine, InitialState, Limits, WordEncoding
 from server.core.runtime import ModelRuntime, load_repository
-from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from tests.helpers import CHANNEL_OPTIONS, LARGE_ALPHABET, LARGE_MODEL, start_server
 from tests.test_batcher import Recorder, encode_all, max_error, random_traffic
 

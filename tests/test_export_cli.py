@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from export.manifest import (
-    MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, list_model_folders, sha256_file, version_folders,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    Manifest,
+    list_model_folders,
+    sha256_file,
+    version_folders,
 )
 from export.trace import PARITY_TOLERANCE
 from tests.helpers import LARGE_ALPHABET, LARGE_MODEL

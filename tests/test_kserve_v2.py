@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from google.rpc import error_details_pb2
 from tritonclient.utils import InferenceServerException
 
 from clients.client import CharRnnClient, State

@@ -22,7 +22,7 @@ from export.manifest import MANIFEST_FILE, ONNX_FILE, Manifest
 from proto.charrnn.v1 import charrnn_pb2 as pb
 from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from server.core.batcher import BatchSettings
-from server.core.engine import Engine, EngineSettings, Limits, VersionState, load_engine
+from server.core.engine import EngineSettings, Limits, VersionState, load_engine
 from server.core.errors import ModelNotFoundError as CoreModelNotFoundError
 from server.core.errors import Reason, VersionNotFoundError
 from server.core.repository import RepositoryWatcher

@@ -405,7 +405,6 @@ def test_grpc_options_state_the_resource_bounds_in_grpcs_units() -> None:
 
 
 def test_workers_flag_environment_and_auto() -> None:
-    import os
 
     assert parse_config([], {}).workers == DEFAULTS.workers == usable_cores()
     assert parse_config(["--workers", "3"], {}).workers == 3

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-
 from clients.batch.failures import FatalError
 from clients.batch.job import Job, Lane
 from clients.batch.output import ResumePoint, scan_output
