@@ -67,13 +67,7 @@ def _wrapped(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Unparsed):
                 await abort(context, request.error)
-            # The wrapped behaviour may write with context.write (health's Watch) or be a generator.
-            result = streaming(request, context)
-            if hasattr(result, "__aiter__"):
-                async for response in result:
-                    await context.write(response)
-            else:
-                await result
+            await _answered(streaming(request, context), context)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
     if handler.stream_unary is not None:
@@ -86,14 +80,19 @@ def _wrapped(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     bidirectional = handler.stream_stream
 
     async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        result = bidirectional(_checked(requests, context), context)
-        if hasattr(result, "__aiter__"):
-            async for response in result:
-                await context.write(response)
-        else:
-            await result
+        await _answered(bidirectional(_checked(requests, context), context), context)
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+
+
+async def _answered(result: Any, context: grpc.aio.ServicerContext) -> None:
+    """Send a wrapped streaming behaviour's responses: it may be a generator, or write with context.write
+    itself (health's Watch) and return an awaitable."""
+    if hasattr(result, "__aiter__"):
+        async for response in result:
+            await context.write(response)
+    else:
+        await result
 
 
 class ParsingRegistrar:
