@@ -186,10 +186,11 @@ def test_sigterm_drains_every_worker(model_repository: Path, tmp_path: Path) -> 
             thread.join(DEADLINE_S)
         assert min(spread) > 0, f"requests on one worker only: {spread}"
         assert finished_before_signal < CONNECTIONS, "nothing was in flight: make the requests heavier"
-        # Known gap (grpc core, not ours; closing note of 2026-12-04): about one run in seven, one 39 MB response
-        # that the worker finished is cut off when gRPC closes the drained connection, and the client sees
-        # UNAVAILABLE "Connection reset by peer ... GOAWAY received". That failure is retryable and is the only
-        # one allowed here, for at most one request; every other request must have its full answer.
+        # Known gap (grpc core, not ours; docs/deployment.md "Stop"): about one run in seven, one 39 MB response
+        # that the worker finished is cut off: gRPC shuts the drained socket (SHUT_RDWR) right after the last
+        # write, the client's flow-control frames then draw a TCP reset, and the unread tail is lost. The client
+        # sees UNAVAILABLE "Connection reset by peer ... GOAWAY received". That failure is retryable and is the
+        # only one allowed here, for at most one request; every other request must have its full answer.
         cut = {index: outcome for index, outcome in outcomes.items() if outcome != 300}
         assert len(outcomes) == CONNECTIONS and len(cut) <= 1, outcomes
         for code, details in cut.values():  # type: ignore[misc]
