@@ -800,6 +800,16 @@ class Deployment:
     def log(self) -> str:
         return self.server_log.read_text(errors="replace")[-6000:] if self.server_log and self.server_log.exists() else ""
 
+    def export(self) -> subprocess.CompletedProcess[str]:
+        """Run the export service's command once (its test, or the first test that needs a served model)."""
+        if self.export_result is None:
+            service = resolve_service(self.config, "export", self.remap)
+            self.export_result = subprocess.run(
+                service.argv, capture_output=True, text=True, timeout=600, env=process_environment(service.env),
+                cwd=self.tmp,
+            )
+        return self.export_result
+
 
 @pytest.fixture(scope="module")
 def deployment(configs: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
@@ -837,12 +847,8 @@ class TestServicesOutsideContainers:
     """In order: export, server start + health, healthchecks, metrics, batch, SIGTERM."""
 
     def test_export_service_command(self, deployment: Deployment) -> None:
+        result = deployment.export()
         export = resolve_service(deployment.config, "export", deployment.remap)
-        result = subprocess.run(
-            export.argv, capture_output=True, text=True, timeout=600, env=process_environment(export.env),
-            cwd=deployment.tmp,
-        )
-        deployment.export_result = result
         assert result.returncode == 0, f"{export.argv}\n{result.stdout}\n{result.stderr}"
         repository = Path(flag(export.argv, "--out") or export.env["CHARRNN_REPOSITORY"])
         for model in BUILTIN_MODELS:
@@ -856,8 +862,9 @@ class TestServicesOutsideContainers:
             if deployment.server.poll() is not None:
                 pytest.fail(f"the server has exited ({deployment.server.returncode}):\n{deployment.log()}")
             return deployment
-        if deployment.export_result is None or deployment.export_result.returncode != 0:
-            pytest.fail("the export service's command did not succeed; the server depends on it")
+        export = deployment.export()  # run here when only tests that need the server were selected
+        if export.returncode != 0:
+            pytest.fail(f"the export service's command failed, and the server depends on it:\n{export.stderr[-3000:]}")
         service = resolve_service(deployment.config, "server", deployment.remap)
         for mount in service.config["volumes"]:
             if mount.get("read_only"):

@@ -215,6 +215,27 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@contextlib.contextmanager
+def batch_job_writing(stack: Stack, env: dict[str, str], output: Path) -> Iterator[subprocess.Popen[str]]:
+    """The compose batch job running in the background, yielded once it has written its first answers to
+    `output` (so what the caller does next happens under load); killed on the way out if still running."""
+    job = subprocess.Popen(
+        stack.command(FILES_CPU, "--profile", "batch", "run", "--rm", "--no-deps", "batch"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (output.exists() and output.stat().st_size > 0):
+            assert job.poll() is None, f"the batch job ended before any output: {job.communicate()}"
+            assert time.monotonic() < deadline, "the batch job wrote nothing in 60 s"
+            time.sleep(0.2)
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate(timeout=30)
+
+
 @pytest.fixture
 def stack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Stack]:
     with docker_engine(tmp_path, capsys):
@@ -304,16 +325,7 @@ def test_the_compose_stack_runs_scales_drains_and_serves_tls(
     drain_env = {**stack.env, "CHARRNN_BATCH_STREAMS": "6", "CHARRNN_BATCH_CHUNK_SIZE": "32",
                  "CHARRNN_BATCH_INPUT": "drain.txt",
                  "CHARRNN_BATCH_OUTPUT": "drain.jsonl"}
-    background = subprocess.Popen(
-        stack.command(FILES_CPU, "--profile", "batch", "run", "--rm", "--no-deps", "batch"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=drain_env, cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (output.exists() and output.stat().st_size > 0):
-            assert background.poll() is None, f"the batch job ended before any output: {background.communicate()}"
-            assert time.monotonic() < deadline, "the batch job wrote nothing in 60 s"
-            time.sleep(0.2)
+    with batch_job_writing(stack, drain_env, output) as background:
         victim = replicas[0]
         was_running = background.poll() is None
         t = time.monotonic()
@@ -323,10 +335,6 @@ def test_the_compose_stack_runs_scales_drains_and_serves_tls(
                     f"after {time.monotonic() - t:.1f} s")
         assert stopped["ExitCode"] == 0, stopped
         stdout, stderr = background.communicate(timeout=BATCH_S)
-    finally:
-        if background.poll() is None:
-            background.kill()
-            background.communicate(timeout=30)
     assert background.returncode == 0, stderr[-3000:]
     assert was_running, "the job had finished before the replica was stopped: nothing was drained under load"
     records = read_records(output)
@@ -341,16 +349,7 @@ def test_the_compose_stack_runs_scales_drains_and_serves_tls(
     # ---- 6b. `compose stop server` (every replica) while a job runs, then start them again ----
     output = stack.batch_dir / "outage.jsonl"
     outage_env = {**drain_env, "CHARRNN_BATCH_OUTPUT": "outage.jsonl"}
-    background = subprocess.Popen(
-        stack.command(FILES_CPU, "--profile", "batch", "run", "--rm", "--no-deps", "batch"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=outage_env, cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (output.exists() and output.stat().st_size > 0):
-            assert background.poll() is None, f"the batch job ended before any output: {background.communicate()}"
-            assert time.monotonic() < deadline, "the batch job wrote nothing in 60 s"
-            time.sleep(0.2)
+    with batch_job_writing(stack, outage_env, output) as background:
         t = time.monotonic()
         stack(FILES_CPU, "stop", "server", timeout=120)  # no replica left: the job keeps its chunks and retries
         down_for = time.monotonic() - t
@@ -364,10 +363,6 @@ def test_the_compose_stack_runs_scales_drains_and_serves_tls(
         say(capsys, f"compose stop server during a job (all 3 replicas, {down_for:.1f} s), then start: "
                     f"the job waited with {written_while_down} bytes written")
         stdout, stderr = background.communicate(timeout=BATCH_S)
-    finally:
-        if background.poll() is None:
-            background.kill()
-            background.communicate(timeout=30)
     assert background.returncode == 0, stderr[-3000:]
     records = read_records(output)
     assert [r["word"] for r in records] == drain_words, "words lost, repeated or out of order across the outage"
