@@ -28,6 +28,7 @@ from server.core.alphabet import WordIndices
 from server.core.batcher import Batcher, BatchSettings, DirectRunner, RunStats
 from server.core.engine import EncodeResult, Engine, InitialState, Limits, WordEncoding
 from server.core.errors import OverloadedError, Reason, ShuttingDownError
+from server.core.inline import RunPredictor
 from server.core.runtime import ModelRuntime, RunDone, RunOutputs, load_repository
 
 pytestmark = pytest.mark.unit
@@ -479,6 +480,74 @@ def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: 
 
     asyncio.run(scenario())
     assert recorder.runs == [("rnn", 1), ("rnn", 3)]
+
+
+def _fast_predictor() -> RunPredictor:
+    predictor = RunPredictor(max_s=1.0)
+    predictor.observe(RunPredictor.key(1, 1), 1e-6, inline=True)  # vouches for every small batch
+    return predictor
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batcher", "direct"])
+def test_a_tiny_request_on_an_idle_model_is_answered_inside_submit(
+    runtimes: dict[str, ModelRuntime], batching: bool
+) -> None:
+    """No future, no callback, no event-loop turn: the coroutine finishes in one step."""
+    model = runtimes["lstm"]
+    recorder = Recorder()
+    predictor = _fast_predictor()
+    runner: Batcher | DirectRunner = (
+        Batcher(model, batch_settings(), recorder, predictor=predictor) if batching
+        else DirectRunner(model, recorder, predictor=predictor)
+    )
+    words = ["hello", "he"]
+    h0 = model.zero_state(2)
+
+    async def scenario() -> RunOutputs:
+        runner.start()
+        submitted = runner.submit(model.alphabet.indices(words), h0, np.zeros_like(h0))
+        try:
+            submitted.send(None)  # one step of the coroutine: it must finish without suspending
+        except StopIteration as finished:
+            outputs, stats = finished.value
+            assert stats == RunStats(0.0, stats.inference_s, 2) and stats.inference_s > 0
+            return outputs
+        finally:
+            submitted.close()
+            await runner.close()
+        raise AssertionError("submit() suspended: the tiny request on an idle model was queued")
+
+    outputs = asyncio.run(scenario())
+    alone = model.run(model.alphabet.indices(words), h0, np.zeros_like(h0))
+    np.testing.assert_array_equal(outputs.outputs, alone.outputs)
+    assert recorder.runs == [("lstm", 2)]
+
+
+def test_requests_arriving_while_the_model_is_busy_still_queue_and_merge(runtimes: dict[str, ModelRuntime]) -> None:
+    """The at-once path is for an idle model only: behind a run in flight, tiny requests wait and ride together."""
+    model = GatedRuntime(runtimes["rnn"].folder)
+    recorder = Recorder()
+    predictor = RunPredictor(max_s=1.0)  # nothing known yet: the first run goes to the (gated) thread
+    batcher = Batcher(model, batch_settings(), recorder, predictor=predictor)
+
+    async def scenario() -> None:
+        batcher.start()
+        first = start_submit(batcher, model, ["hel"])
+        await _until(model.entered)
+        predictor.observe(RunPredictor.key(1, 1), 1e-6, inline=True)  # from now on, small runs are tiny
+        rest = [start_submit(batcher, model, ["he", "lo"]) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued_words == 8
+        model.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+        await start_submit(batcher, model, ["o"])  # idle again: at once
+        await batcher.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.gate.set()
+    assert recorder.runs == [("rnn", 1), ("rnn", 8), ("rnn", 1)]
 
 
 class ThreadRecordingRuntime(ModelRuntime):

@@ -61,6 +61,41 @@ def test_a_bucket_that_slows_down_goes_back_to_the_thread_and_is_probed_rarely()
     assert RunPredictor.key(8, 8) != RunPredictor.key(64, 8) and RunPredictor.key(2, 4) == RunPredictor.key(1, 8)
 
 
+def test_a_new_batch_size_is_vouched_for_by_a_smaller_one_within_the_limit() -> None:
+    predictor = RunPredictor(max_s=500e-6)
+    small = RunPredictor.key(1, 5)
+    predictor.observe(small, 50e-6, inline=True)
+    # Twice the cells per bucket: two buckets up, at most 4 x 50 us, is within 500 us; four up (800 us) is not.
+    assert predictor.predicts_inline(small + 2) and predictor.runs_inline(small + 2)
+    assert not predictor.predicts_inline(small + 4) and not predictor.runs_inline(small + 4)
+    # A bucket's own inline runs outrank the estimate: measured slow, it leaves the loop.
+    predictor.observe(small + 2, 900e-6, inline=True)
+    assert not predictor.predicts_inline(small + 2)
+
+
+def test_one_stalled_run_does_not_send_a_fast_bucket_to_the_thread() -> None:
+    predictor = RunPredictor(max_s=100e-6)
+    key = RunPredictor.key(1, 5)
+    predictor.observe(key, 50e-6, inline=True)
+    predictor.observe(key, 20e-3, inline=True)  # preempted mid-run: 400 times the usual
+    inline_s, _ = predictor.averages()[key]
+    assert inline_s is not None and inline_s <= 50e-6 * (1 + inline.SMOOTHING * (inline.CLIP - 1)) + 1e-12
+    assert predictor.runs_inline(key)
+    for _ in range(10):  # ... but a model that really is that slow now still leaves the loop within a few runs
+        predictor.observe(key, 20e-3, inline=True)
+    assert not predictor.predicts_inline(key)
+
+
+def test_the_warm_up_run_seeds_each_runner_so_the_first_small_request_runs_inline(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    model = runtimes["rnn"]
+    assert model.warm_up_seconds is not None and 0 < model.warm_up_seconds < 0.1
+    engine = Engine({"rnn": model}, LIMITS, None, inline_max_s=1.0)
+    predictor = engine._defaults["rnn"].runner._predictor  # noqa: SLF001 - the runner's own predictor
+    assert predictor is not None and predictor.predicts_inline(RunPredictor.key(2, 5))
+
+
 class Counting:
     """Counts which path each run of a ModelRuntime took (run() on the loop thread, start_run() on onnxruntime's)."""
 

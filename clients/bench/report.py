@@ -77,8 +77,9 @@ def render(report: Report, checks: list[Check]) -> str:
         "## Our handler without gRPC",
         "",
         f"`CharRnnService.Encode` called directly by that many coroutines ({MAIN_MODEL}, the servers' batch "
-        "settings): request checks, one-hot, batcher, the hand-off to onnxruntime's thread and back, the run, response bytes, "
-        "metrics; no transport. CPU is this process's, all threads; per request, what serving adds to a call.",
+        "settings): request checks, one-hot, batcher, the run (at once on the loop when the model is idle and the run "
+        "known tiny, else queued), response bytes, metrics; no transport. CPU is this process's, all threads; per "
+        "request, what serving adds to a call.",
         "",
         "| concurrency | words/request | requests/s | CPU us/request | wall us/request |",
         "|---:|---:|---:|---:|---:|",
@@ -210,9 +211,11 @@ NOTES = """## How to read this
   concurrent (several callers queued, or the first arrived while the model was busy); a lone request on an
   idle server never waits, so the concurrency-1 rows pay nothing for it.
 - A run predicted (per model and batch size) to take at most --inline-max-us (default 500 us) runs on the
-  event loop; any other is started with session.run_async on onnxruntime's own thread and its outcome
-  posted back to the event loop: a thread wake-up each way that the echo never pays, tens to hundreds of
-  microseconds on this VM (server/core/inline.py says when each path is taken).
+  event loop: a request that finds its model idle is run at once inside the handler (no queue, no future,
+  no extra loop turn), a queued batch inline from the batcher. Any other run is started with
+  session.run_async on onnxruntime's own thread and its outcome posted back to the event loop: a thread
+  wake-up each way that the echo never pays, tens to hundreds of microseconds on this VM
+  (server/core/batcher.py and server/core/inline.py say when each path is taken).
 - Where the server's time goes (py-spy on one worker under 1-word load at concurrency 64, runs inline,
   while developing, not in this run): about 42 % of the event loop's samples are gRPC's own per-call work
   in its Cython layer (the echo pays it too), 10 % epoll, about a quarter our Python (checks, one-hot,

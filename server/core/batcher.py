@@ -1,12 +1,20 @@
 """Dynamic batching: concurrent requests for one model are merged into one onnxruntime run and split back.
 
-Event-driven, with no worker task: a batch is handed to onnxruntime the moment a run slot is free,
-from submit() (an idle server runs a lone request at once, with no extra event-loop hop), from a run's
-completion (the slot is handed to the queue before the finished batch's results are split) or from the
-max-delay timer. With max_delay > 0 the queue head waits up to max_delay for more, but only while the
-batch is not full and concurrency is evident: several callers are queued, or the head arrived while the
-model was busy (runs in flight or others queued). A lone request on an idle server is never delayed,
-whatever max_delay says.
+Event-driven, with no worker task. A request is answered by one of two paths:
+
+- At once, inside submit(), when the model is idle (nothing queued, nothing running) and the RunPredictor
+  (server/core/inline.py) knows the run to be tiny: one run of its own on the event loop, with no future and
+  no callback, so no extra event-loop turn. Waiting for company would not pay: under gRPC load grpc.aio hands
+  the requests to the loop one per turn, so an idle model has none to merge with, and a one-word run costs
+  less than the two turns a queued request takes to be answered.
+- Queued otherwise: a batch is handed to onnxruntime the moment a run slot is free, from submit(), from a
+  run's completion (the slot is handed to the queue before the finished batch's results are split) or from
+  the max-delay timer. Requests that arrive while the model is busy (a run on onnxruntime's thread) ride
+  the next run together.
+
+With max_delay > 0 the queue head waits up to max_delay for more, but only while the batch is not full and
+concurrency is evident: several callers are queued, or the head arrived while the model was busy (runs in
+flight or others queued). A lone request on an idle server is never delayed, whatever max_delay says.
 
 Run slots: up to max_concurrent_runs batches may run at once (the engine passes the model's onnxruntime run
 threads), so that on a CPU a second batch uses the second core while the first one runs;
@@ -14,9 +22,9 @@ requests that arrive while every slot is taken queue, and merge. A long queue is
 slots (batches of at least SPLIT_MIN_WORDS words) rather than taken whole by the first free one, which
 would leave the other cores idle while it runs.
 
-Runs happen on onnxruntime's own threads (ModelRuntime.start_run, session.run_async), except those a
-RunPredictor (server/core/inline.py, when the runner has one) predicts to be tiny, which run on the event loop
-itself; the outcome is posted back with call_soon_threadsafe (inline: call_soon). That is one thread wake-up
+Queued batches run on onnxruntime's own threads (ModelRuntime.start_run, session.run_async), except those a
+RunPredictor (when the runner has one) predicts to be tiny, which run on the event loop itself; the outcome
+is posted back with call_soon_threadsafe (inline: call_soon). That is one thread wake-up
 each way, and the onnxruntime thread needs no Python (no GIL) to start: a Python executor thread costs a
 second wake-up to take the GIL first (measured in-process: ~120 us per 1-word run with run_async against
 ~210-250 us through a ThreadPoolExecutor, on this 2-core VM).
@@ -93,17 +101,15 @@ def _start_run(
     """Start the batch on onnxruntime's threads, or run it here if the predictor says it is tiny; `outcome`
     runs on the event loop once it is done (never before this returns). Raises if onnxruntime refuses the run
     outright (then `outcome` is never called)."""
-    started = time.perf_counter()
     key = 0
     if predictor is not None:
         letters = merged[0]
         key = RunPredictor.key(len(letters.lengths), int(letters.lengths.max()))
         if predictor.runs_inline(key):
-            outputs = model.run(*merged)
-            seconds = time.perf_counter() - started
-            predictor.observe(key, seconds, inline=True)
+            outputs, seconds = _run_inline(model, predictor, key, merged)
             loop.call_soon(outcome, outputs, None, seconds)
             return
+    started = time.perf_counter()
 
     def observed(outputs: RunOutputs | None, error: BaseException | None, seconds: float) -> None:  # on the loop
         if predictor is not None and outputs is not None:
@@ -117,6 +123,30 @@ def _start_run(
             pass
 
     model.start_run(*merged, done)
+
+
+def _run_inline(model: ModelRuntime, predictor: RunPredictor, key: int, merged: _Merged) -> tuple[RunOutputs, float]:
+    """Run the batch here, on the event loop's thread, timed into the predictor; (outputs, seconds)."""
+    started = time.perf_counter()
+    outputs = model.run(*merged)
+    seconds = time.perf_counter() - started
+    predictor.observe(key, seconds, inline=True)
+    return outputs, seconds
+
+
+def _answered_now(
+    model: ModelRuntime, predictor: RunPredictor, observer: RunObserver | None, merged: _Merged
+) -> tuple[RunOutputs, RunStats] | None:
+    """One request's run, done at once on the event loop if the predictor knows it to be tiny; else None."""
+    letters = merged[0]
+    words = len(letters.lengths)
+    key = RunPredictor.key(words, int(letters.lengths.max()))
+    if not predictor.predicts_inline(key):
+        return None
+    outputs, seconds = _run_inline(model, predictor, key, merged)
+    if observer is not None:
+        observer(model.name, words, seconds)
+    return outputs, RunStats(0.0, seconds, words)
 
 
 class Batcher:
@@ -178,6 +208,10 @@ class Batcher:
                 f"model {self.model.name!r} is overloaded: {self._queued_words} words queued "
                 f"(limit {self.settings.max_queue_words}); retry later"
             )
+        if self._predictor is not None and not self._queue and not self._running:
+            answered = _answered_now(self.model, self._predictor, self._observer, (letters, h0, c0))
+            if answered is not None:
+                return answered
         future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
         busy = self._running > 0 or bool(self._queue)
         self._queue.append(_Pending(letters, h0, c0, future, loop.time(), busy))
@@ -354,6 +388,10 @@ class DirectRunner:
         loop = self._loop
         if loop is None:
             raise RuntimeError("DirectRunner.start() was not called")
+        if self._predictor is not None and not self._slots.locked():
+            answered = _answered_now(self.model, self._predictor, self._observer, (letters, h0, c0))
+            if answered is not None:
+                return answered
         queued = loop.time()
         await self._slots.acquire()
         if self._closed:

@@ -236,6 +236,9 @@ class Engine:
     def _serve(self, runtime: ModelRuntime) -> ServedVersion:
         # Each runner (one per model version) predicts its own runs' times: see server/core/inline.py.
         predictor = RunPredictor(self._inline_max_s) if self._inline_max_s > 0 else None
+        if predictor is not None and runtime.warm_up_seconds is not None:
+            # The warm-up's one-letter run vouches for small batches from the first request (inline.py).
+            predictor.observe(RunPredictor.key(1, 1), runtime.warm_up_seconds, inline=True)
         runner: Batcher | DirectRunner = (
             Batcher(runtime, self._batching, self._observer, max_concurrent_runs=self._run_threads, predictor=predictor)
             if self._batching is not None

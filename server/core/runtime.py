@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,8 @@ class ModelRuntime:
         self.alphabet = Alphabet(manifest.alphabet)
         self.folder = folder
         self.fingerprint = ""
+        self.warm_up_seconds: float | None = None
+        """How long a warm one-letter run took in warm_up() (None until then): the inline predictor's first figure."""
         """The version folder's files when they were loaded (server.core.repository.fingerprint; "" if unknown)."""
 
     @property
@@ -173,16 +176,21 @@ class ModelRuntime:
         return self.manifest.name
 
     def warm_up(self) -> None:
-        """One run of a one-letter word on this thread: a model that loads but cannot run fails here, before it
-        serves (and onnxruntime's first-run allocations happen before the first request)."""
+        """Two runs of a one-letter word on this thread: a model that loads but cannot run fails here, before it
+        serves (and onnxruntime's first-run allocations happen before the first request). The second run, warm,
+        is timed: warm_up_seconds."""
         letters = self.alphabet.indices([self.manifest.alphabet[0]])
         h0 = self.zero_state(1)
-        outputs = self.run(letters, h0, np.zeros_like(h0) if self.manifest.has_cell_state else None)
+        c0 = np.zeros_like(h0) if self.manifest.has_cell_state else None
+        outputs = self.run(letters, h0, c0)
         if outputs.outputs.shape[0] != 1 or outputs.h_n.shape != h0.shape:
             raise ManifestError(
                 f"{self.folder}: a warm-up run returned outputs {outputs.outputs.shape} and h_n {outputs.h_n.shape}; "
                 f"expected 1 word and {h0.shape}"
             )
+        started = time.perf_counter()
+        self.run(letters, h0, c0)
+        self.warm_up_seconds = time.perf_counter() - started
 
     def zero_state(self, words: int) -> npt.NDArray[np.float32]:
         """A fresh state [num_layers, words, hidden] (what PyTorch uses when no state is given)."""
