@@ -523,6 +523,25 @@ def test_a_tiny_request_on_an_idle_model_is_answered_inside_submit(
     assert recorder.runs == [("lstm", 2)]
 
 
+def test_requests_handed_over_in_the_same_turn_as_a_run_at_once_ride_the_next_run_together(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    """An asyncio client or a stream delivers several requests in one loop turn: the first is answered at once,
+    the rest queue behind its still-taken slot and share one run in the next iteration."""
+    model = runtimes["rnn"]
+    recorder = Recorder()
+    batcher = Batcher(model, batch_settings(), recorder, predictor=_fast_predictor())
+
+    async def scenario() -> None:
+        batcher.start()
+        await asyncio.gather(*(start_submit(batcher, model, ["hel", "lo"]) for _ in range(8)))
+        await start_submit(batcher, model, ["o"])  # alone afterwards: at once
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert recorder.runs == [("rnn", 2), ("rnn", 14), ("rnn", 1)]
+
+
 def test_requests_arriving_while_the_model_is_busy_still_queue_and_merge(runtimes: dict[str, ModelRuntime]) -> None:
     """The at-once path is for an idle model only: behind a run in flight, tiny requests wait and ride together."""
     model = GatedRuntime(runtimes["rnn"].folder)

@@ -3,10 +3,12 @@
 Event-driven, with no worker task. A request is answered by one of two paths:
 
 - At once, inside submit(), when the model is idle (nothing queued, nothing running) and the RunPredictor
-  (server/core/inline.py) knows the run to be tiny: one run of its own on the event loop, with no future and
-  no callback, so no extra event-loop turn. Waiting for company would not pay: under gRPC load grpc.aio hands
-  the requests to the loop one per turn, so an idle model has none to merge with, and a one-word run costs
-  less than the two turns a queued request takes to be answered.
+  (server/core/inline.py) knows the run to be tiny: one run of its own on the event loop, with no future, so
+  the caller resumes without an extra event-loop turn. Waiting for company would not pay: under gRPC load
+  grpc.aio hands the requests to the loop one per turn (seen with a thread-per-request client and with one
+  asyncio channel alike), so an idle model has none to merge with, and a one-word run costs less than the
+  turns a queued request takes to be answered. The run's slot stays taken until the loop's next iteration,
+  so requests handed over in the same turn (a stream's, an in-process caller's) queue and ride one run.
 - Queued otherwise: a batch is handed to onnxruntime the moment a run slot is free, from submit(), from a
   run's completion (the slot is handed to the queue before the finished batch's results are split) or from
   the max-delay timer. Requests that arrive while the model is busy (a run on onnxruntime's thread) ride
@@ -211,6 +213,10 @@ class Batcher:
         if self._predictor is not None and not self._queue and not self._running:
             answered = _answered_now(self.model, self._predictor, self._observer, (letters, h0, c0))
             if answered is not None:
+                # Its run slot stays taken until the loop's next iteration: requests handed over in this same
+                # turn (an asyncio client's, a stream's) queue behind it and then ride one run together.
+                self._running += 1
+                loop.call_soon(self._release_slot)
                 return answered
         future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
         busy = self._running > 0 or bool(self._queue)
@@ -218,6 +224,10 @@ class Batcher:
         self._queued_words += words
         self._dispatch()
         return await future
+
+    def _release_slot(self) -> None:
+        self._running -= 1
+        self._dispatch()
 
     def _dispatch(self) -> None:
         """Start batches while a run slot is free and the queue should not wait for company."""
