@@ -170,7 +170,9 @@ class Batcher:
         """Decides which runs go inline (server/core/inline.py); None: every run on onnxruntime's thread."""
         self._queue: deque[_Pending] = deque()
         self._queued_words = 0
-        self._running = 0  # batches started and not yet finished
+        self._running = 0  # batches started and not yet finished (a run done at once counts until released)
+        self._held = False
+        """The slot of a run done at once is held until the loop's next iteration (see the module doc)."""
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._drained: asyncio.Event | None = None
@@ -216,10 +218,13 @@ class Batcher:
                 # Its run slot stays taken until the loop's next iteration: requests handed over in this same
                 # turn (an asyncio client's, a stream's) queue behind it and then ride one run together.
                 self._running += 1
+                self._held = True
                 loop.call_soon(self._release_slot)
                 return answered
         future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
-        busy = self._running > 0 or bool(self._queue)
+        # A held slot is no evidence of concurrency: the same caller's next request (a stream's, a loop's) arrives
+        # in the same turn too, and must not wait max_delay for company that is not coming.
+        busy = self._running > self._held or bool(self._queue)
         self._queue.append(_Pending(letters, h0, c0, future, loop.time(), busy))
         self._queued_words += words
         self._dispatch()
@@ -227,6 +232,7 @@ class Batcher:
 
     def _release_slot(self) -> None:
         self._running -= 1
+        self._held = False
         self._dispatch()
 
     def _dispatch(self) -> None:

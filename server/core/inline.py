@@ -26,8 +26,10 @@ would have stalled the loop whatever it was doing) moves the average by at most 
 such run sent a 50 us bucket to the thread for hundreds of runs; a model that really slowed down still
 lifts it 30 % per run.
 
-Inline runs are timed like the others and keep the averages current. The outcome of an inline run is still
-delivered with loop.call_soon, so callers see the same order of events on both paths.
+Inline runs are timed like the others and keep the averages current. The outcome of a queued batch's inline
+run is still delivered with loop.call_soon, so its callers see the same order of events on both paths; a
+request run at once (server/core/batcher.py: an idle model, a run predicts_inline() vouches for) gets its
+outputs straight back.
 """
 
 from __future__ import annotations
@@ -66,14 +68,9 @@ class RunPredictor:
 
     def runs_inline(self, key: int) -> bool:
         """Whether the next run of this bucket should run on the event loop."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket()
-        if bucket.inline_s is not None:
-            if bucket.inline_s <= self.max_s:
-                return True
-        elif self._vouched_for(key):
+        if self.predicts_inline(key):
             return True
+        bucket = self._buckets.setdefault(key, _Bucket())
         known = [s for s in (bucket.inline_s, bucket.thread_s) if s is not None]
         if not known or min(known) > PROBE_MAX_S:  # never seen and not vouched for, or slow
             return False
