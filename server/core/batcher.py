@@ -105,8 +105,7 @@ def _start_run(
     outright (then `outcome` is never called)."""
     key = 0
     if predictor is not None:
-        letters = merged[0]
-        key = RunPredictor.key(len(letters.lengths), int(letters.lengths.max()))
+        key = _bucket(merged[0])
         if predictor.runs_inline(key):
             outputs, seconds = _run_inline(model, predictor, key, merged)
             loop.call_soon(outcome, outputs, None, seconds)
@@ -140,15 +139,19 @@ def _answered_now(
     model: ModelRuntime, predictor: RunPredictor, observer: RunObserver | None, merged: _Merged
 ) -> tuple[RunOutputs, RunStats] | None:
     """One request's run, done at once on the event loop if the predictor knows it to be tiny; else None."""
-    letters = merged[0]
-    words = len(letters.lengths)
-    key = RunPredictor.key(words, int(letters.lengths.max()))
+    key = _bucket(merged[0])
     if not predictor.predicts_inline(key):
         return None
     outputs, seconds = _run_inline(model, predictor, key, merged)
+    words = len(merged[0].lengths)
     if observer is not None:
         observer(model.name, words, seconds)
     return outputs, RunStats(0.0, seconds, words)
+
+
+def _bucket(letters: WordIndices) -> int:
+    """The predictor's bucket of a batch (RunPredictor.key)."""
+    return RunPredictor.key(len(letters.lengths), int(letters.lengths.max()))
 
 
 class Batcher:

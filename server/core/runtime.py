@@ -166,9 +166,9 @@ class ModelRuntime:
         self.alphabet = Alphabet(manifest.alphabet)
         self.folder = folder
         self.fingerprint = ""
+        """The version folder's files when they were loaded (server.core.repository.fingerprint; "" if unknown)."""
         self.warm_up_seconds: float | None = None
         """How long a warm one-letter run took in warm_up() (None until then): the inline predictor's first figure."""
-        """The version folder's files when they were loaded (server.core.repository.fingerprint; "" if unknown)."""
 
     @property
     def name(self) -> str:
