@@ -455,8 +455,8 @@ def _lone_latencies(runner: Batcher | DirectRunner, model: ModelRuntime, repeats
 
 @pytest.mark.parametrize("inline", [False, True], ids=["thread", "inline"])
 def test_a_lone_request_does_not_wait_for_max_delay(runtimes: dict[str, ModelRuntime], inline: bool) -> None:
-    """Inline, each request is run at once and the next, from the same caller in the same turn, queues behind
-    its held slot: that must not count as company coming."""
+    """On either path (a run on onnxruntime's thread, or inline from the queue, as max_delay makes it): the
+    caller's next request follows its previous one closely, and must not be taken for company coming."""
     model = runtimes["rnn"]
     predictor = _fast_predictor() if inline else None
     batched = _lone_latencies(Batcher(model, batch_settings(max_delay_s=0.2), predictor=predictor), model)
@@ -525,6 +525,27 @@ def test_a_tiny_request_on_an_idle_model_is_answered_inside_submit(
     alone = model.run(model.alphabet.indices(words), h0, np.zeros_like(h0))
     np.testing.assert_array_equal(outputs.outputs, alone.outputs)
     assert recorder.runs == [("lstm", 2)]
+
+
+def test_with_a_max_delay_a_tiny_request_takes_the_queue(runtimes: dict[str, ModelRuntime]) -> None:
+    """A max_delay asks for merging: the request is queued (its coroutine suspends), not answered inside submit."""
+    model = runtimes["lstm"]
+    batcher = Batcher(model, batch_settings(max_delay_s=0.05), predictor=_fast_predictor())
+    h0 = model.zero_state(1)
+
+    async def scenario() -> bool:
+        batcher.start()
+        submitted = batcher.submit(model.alphabet.indices(["hello"]), h0, np.zeros_like(h0))
+        try:
+            submitted.send(None)
+        except StopIteration:
+            return False
+        finally:
+            submitted.close()
+            await batcher.close()
+        return True
+
+    assert asyncio.run(scenario()), "answered at once despite max_delay"
 
 
 def test_requests_handed_over_in_the_same_turn_as_a_run_at_once_ride_the_next_run_together(

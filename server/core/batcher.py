@@ -9,6 +9,8 @@ Event-driven, with no worker task. A request is answered by one of two paths:
   asyncio channel alike), so an idle model has none to merge with, and a one-word run costs less than the
   turns a queued request takes to be answered. The run's slot stays taken until the loop's next iteration,
   so requests handed over in the same turn (a stream's, an in-process caller's) queue and ride one run.
+  Only with max_delay 0 (the default): an operator who sets a delay asks for merging at the price of waiting,
+  and gets the queue, where a request arriving while a run is outstanding waits for company.
 - Queued otherwise: a batch is handed to onnxruntime the moment a run slot is free, from submit(), from a
   run's completion (the slot is handed to the queue before the finished batch's results are split) or from
   the max-delay timer. Requests that arrive while the model is busy (a run on onnxruntime's thread) ride
@@ -171,11 +173,11 @@ class Batcher:
         self._observer = observer
         self._predictor = predictor
         """Decides which runs go inline (server/core/inline.py); None: every run on onnxruntime's thread."""
+        self._at_once = predictor is not None and settings.max_delay_s <= 0
+        """Tiny requests on an idle model are run at once; not with a max_delay, which asks for merging instead."""
         self._queue: deque[_Pending] = deque()
         self._queued_words = 0
         self._running = 0  # batches started and not yet finished (a run done at once counts until released)
-        self._held = False
-        """The slot of a run done at once is held until the loop's next iteration (see the module doc)."""
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._drained: asyncio.Event | None = None
@@ -215,19 +217,17 @@ class Batcher:
                 f"model {self.model.name!r} is overloaded: {self._queued_words} words queued "
                 f"(limit {self.settings.max_queue_words}); retry later"
             )
-        if self._predictor is not None and not self._queue and not self._running:
+        if self._at_once and not self._queue and not self._running:
+            assert self._predictor is not None
             answered = _answered_now(self.model, self._predictor, self._observer, (letters, h0, c0))
             if answered is not None:
                 # Its run slot stays taken until the loop's next iteration: requests handed over in this same
                 # turn (an asyncio client's, a stream's) queue behind it and then ride one run together.
                 self._running += 1
-                self._held = True
                 loop.call_soon(self._release_slot)
                 return answered
         future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
-        # A held slot is no evidence of concurrency: the same caller's next request (a stream's, a loop's) arrives
-        # in the same turn too, and must not wait max_delay for company that is not coming.
-        busy = self._running > self._held or bool(self._queue)
+        busy = self._running > 0 or bool(self._queue)
         self._queue.append(_Pending(letters, h0, c0, future, loop.time(), busy))
         self._queued_words += words
         self._dispatch()
@@ -235,7 +235,6 @@ class Batcher:
 
     def _release_slot(self) -> None:
         self._running -= 1
-        self._held = False
         self._dispatch()
 
     def _dispatch(self) -> None:
