@@ -211,8 +211,9 @@ NOTES = """## How to read this
   concurrent (several callers queued, or the first arrived while the model was busy); a lone request on an
   idle server never waits, so the concurrency-1 rows pay nothing for it.
 - A run predicted (per model and batch size) to take at most --inline-max-us (default 500 us) runs on the
-  event loop: a request that finds its model idle is run at once inside the handler (no queue, no future,
-  no extra loop turn), a queued batch inline from the batcher. Any other run is started with
+  event loop: with --max-queue-delay-ms 0 a request that finds its model idle is run at once inside the
+  handler (no queue, no future, no extra loop turn; not in the servers of this run, which have a delay), a
+  queued batch inline from the batcher. Any other run is started with
   session.run_async on onnxruntime's own thread and its outcome posted back to the event loop: a thread
   wake-up each way that the echo never pays, tens to hundreds of microseconds on this VM
   (server/core/batcher.py and server/core/inline.py say when each path is taken).
