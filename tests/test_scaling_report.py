@@ -38,6 +38,25 @@ def test_the_peer_table_states_ratios_cpu_per_request_and_its_sources(tmp_path: 
     assert "bash run_all.sh echo ours torchserve" in section and "Shared machine." in section
 
 
+def test_with_the_rigs_inproc_step_the_table_states_the_floors_of_any_server_running_the_model(tmp_path: Path) -> None:
+    for name, wps, cpu in (("grpc-echo", 2000.0, 100.0), ("ours", 1000.0, 100.0), ("torchserve", 500.0, 50.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rig_run(name, wps, cpu)))
+    without = scaling.render_peers(tmp_path, "bash run_all.sh echo ours torchserve", "")
+    assert "floor of ours / echo" not in without  # no ort_inproc.json: no floors claimed
+    inproc = {"model": "lstm3.onnx", "seq": 5, "rows": [
+        {"intra_op_threads": 1, "batch_words": 1, "calls_per_s": 10000.0},  # 100 us a run
+        {"intra_op_threads": 1, "batch_words": 32, "calls_per_s": 4000.0},  # 250 us a run
+        {"intra_op_threads": 2, "batch_words": 32, "calls_per_s": 8000.0},  # not the 1-thread figure
+    ]}
+    (tmp_path / "ort_inproc.json").write_text(json.dumps(inproc))
+    section = scaling.render_peers(tmp_path, "bash run_all.sh inproc echo ours torchserve", "")
+    assert "| ort_inproc |" not in section  # not a server row
+    # echo 500 us per request: 1 + 100/500 = 1.20 (1 word), 1 + 250/500 = 1.50 (32 words)
+    assert "/ echo us per request | 1.20 | 1.20 | 1.20 | 1.50 | 1.50 | 1.50 |" in section
+    # c64: 2 CPUs / (500 + 100 + 500 us) = 1818 requests/s = 3.64x TorchServe's 500; 32 w: 2 / 1250 us = 3.20x
+    assert "(echo server + model run + our client us per request) | - | - | 3.64 | - | - | 3.20 |" in section
+
+
 def test_a_tagged_run_of_ours_is_a_variant_row_beside_the_first(tmp_path: Path) -> None:
     for name, wps in (("ours", 1000.0), ("ours-inline100", 900.0), ("torchserve", 500.0)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rig_run(name, wps, 100.0)))

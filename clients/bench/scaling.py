@@ -9,8 +9,10 @@ charrnn-loadgen in this process, one TCP connection per request in flight (a ser
 connections out, not requests). Per cell: words/s, p99, server CPU (the supervisor and its workers, psutil)
 and client CPU per request.
 
-`peers` renders the JSON results of the shared rig (../shared/peers, `run_all.sh echo ours torchserve`) as a
-table: words/s (p99), server CPU per request for every cell, and ours against TorchServe and the echo.
+`peers` renders the JSON results of the shared rig (../shared/peers, `run_all.sh inproc echo ours torchserve`) as a
+table: words/s (p99), server CPU per request for every cell, and ours against TorchServe and the echo. With the
+rig's `inproc` step in the same pass (ort_inproc.json: onnxruntime alone, 1 thread, on the same model) it adds
+two floors that no server running this model in its own process can beat: the echo's CPU plus the model's run.
 
 Each section sits between its own markers with its command and date; `python -m clients.bench.benchmark`
 keeps both when it rewrites the rest of the file. Nothing in them is edited by hand.
@@ -28,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 SECTIONS = {
@@ -190,10 +192,21 @@ def render_workers(
 # ---- the peer rig -----------------------------------------------------------------------------------------------
 
 
+def model_run_us(inproc: dict[str, object] | None, words: int) -> float | None:
+    """onnxruntime's own time for one run of `words` words (1 intra-op thread), from the rig's ort_inproc.json;
+    None without it."""
+    for row in (inproc or {}).get("rows", []):  # type: ignore[attr-defined]
+        if row.get("intra_op_threads") == 1 and row.get("batch_words") == words and row.get("calls_per_s"):
+            return 1e6 / float(row["calls_per_s"])
+    return None
+
+
 def render_peers(results: Path, rig_command: str, note: str) -> str:
-    """The peers section, from the rig's JSON files (grpc-echo, ours, torchserve; -run2 repeats too)."""
+    """The peers section, from the rig's JSON files (grpc-echo, ours, torchserve; -run2 repeats too; ort_inproc
+    for the model floors)."""
     begin, end = SECTIONS["peers"]
     runs = {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
+    inproc = runs.pop("ort_inproc", None)
     variants = sorted(name for name in runs if name.startswith("ours-") and name != "ours-run2")
     order = [name for name in ("grpc-echo", "grpc-echo-run2", "ours", "ours-run2", *variants, "torchserve") if name in runs]
     titles = {"grpc-echo": "bare grpc.aio echo (no model)", "grpc-echo-run2": "echo, repeat", "ours": "**ours**",
@@ -281,9 +294,43 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
                 bounds.append(f"{ceiling / float(theirs['words_per_s']):.2f}")  # type: ignore[arg-type]
             lines.append("| bound at concurrency 64, ours / TorchServe, were our server CPU per request the echo's: "
                          f"{CPUS} CPUs / (echo server + our client us per request) | " + " | ".join(bounds) + " |")
+            if inproc is not None:
+                lines += _model_floors(inproc, lambda n, w, c: cell(runs[n], w, c), us_per_request, client_us_per_request)
         lines.append("| ours: words per onnxruntime run (charrnn_batch_words) | " + " | ".join(merged) + " |")
     lines += ["", end]
     return "\n".join(lines) + "\n"
+
+
+def _model_floors(
+    inproc: dict[str, object],
+    cell: Callable[[str, int, int], dict[str, object] | None],
+    server_us: Callable[[dict[str, object] | None], float],
+    client_us: Callable[[dict[str, object] | None], float],
+) -> list[str]:
+    """Two rows of floors for a server that is the echo plus the model's own run (the least any server running
+    this model in its own process can cost): its CPU against the echo's, and at concurrency 64 its words/s
+    against TorchServe's."""
+    cpu_floors, bounds = [], []
+    for words, concurrency in PEER_CELLS:
+        model_us = model_run_us(inproc, words)
+        echo, mine, theirs = cell("grpc-echo", words, concurrency), cell("ours", words, concurrency), cell(
+            "torchserve", words, concurrency)
+        if model_us is None or echo is None:
+            cpu_floors.append("-")
+            bounds.append("-")
+            continue
+        cpu_floors.append(f"{1 + model_us / server_us(echo):.2f}")
+        if concurrency < 64 or mine is None or theirs is None:
+            bounds.append("-")
+            continue
+        ceiling = CPUS / ((server_us(echo) + model_us + client_us(mine)) / 1e6) * words
+        bounds.append(f"{ceiling / float(theirs['words_per_s']):.2f}")  # type: ignore[arg-type]
+    return [
+        "| floor of ours / echo, server CPU per request, for any server running the model: 1 + the model's own run "
+        "(ort_inproc, 1 thread) / echo us per request | " + " | ".join(cpu_floors) + " |",
+        "| bound at concurrency 64, ours / TorchServe, were our server the echo plus the model's own run: "
+        f"{CPUS} CPUs / (echo server + model run + our client us per request) | " + " | ".join(bounds) + " |",
+    ]
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -302,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers.add_argument("--json", type=Path, default=None, help="also write the raw rows here")
     peers = commands.add_parser("peers", help="render the shared peer rig's results")
     peers.add_argument("--results", type=Path, default=Path("/tmp/peers/results"))
-    peers.add_argument("--rig-command", default="CHARRNN_PROJECT=$PWD bash ../shared/peers/run_all.sh echo ours torchserve")
+    peers.add_argument("--rig-command",
+                       default="CHARRNN_PROJECT=$PWD bash ../shared/peers/run_all.sh inproc echo ours torchserve")
     peers.add_argument("--note", default="The machine (2 CPUs) was shared with other work during the pass.")
     args = parser.parse_args(argv)
     command = "python -m clients.bench.scaling " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
