@@ -48,8 +48,10 @@ class ServerConfig:
     """Merge concurrent requests for one model into one onnxruntime run."""
     max_batch_words: int = 4096
     """Largest merged batch, in words."""
-    max_queue_delay_ms: float = 0.0
-    """How long a non-full batch waits for company; 0 never waits."""
+    max_queue_delay_ms: float = 5.0
+    """How long a non-full batch waits for company once concurrency is evident; 0 never waits."""
+    max_queue_gap_ms: float = 1.0
+    """A waiting batch runs once no request has joined it for this long; 0 waits all of max_queue_delay_ms."""
     max_queue_words: int = 65536
     """Words allowed to wait per model before RESOURCE_EXHAUSTED."""
     run_threads: int = 1
@@ -133,6 +135,7 @@ class ServerConfig:
             max_batch_words=self.max_batch_words,
             max_delay_s=self.max_queue_delay_ms / 1000.0,
             max_queue_words=self.max_queue_words,
+            max_gap_s=self.max_queue_gap_ms / 1000.0,
         )
 
     def engine_settings(self) -> EngineSettings:
@@ -237,7 +240,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--max-batch-words", type=int, default=_env(env, "CHARRNN_MAX_BATCH_WORDS", DEFAULTS.max_batch_words),
         help="largest merged batch in words (env CHARRNN_MAX_BATCH_WORDS)")
     add("--max-queue-delay-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_DELAY_MS", DEFAULTS.max_queue_delay_ms),
-        help="how long a non-full batch waits for more requests; 0 never waits (env CHARRNN_MAX_QUEUE_DELAY_MS)")
+        help="how long a non-full batch may wait for more requests once traffic is evidently concurrent (a lone "
+             "request never waits); 0 never waits, and runs a tiny request on an idle model at once "
+             "(env CHARRNN_MAX_QUEUE_DELAY_MS)")
+    add("--max-queue-gap-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_GAP_MS", DEFAULTS.max_queue_gap_ms),
+        help="a waiting batch runs once no request has joined it for this long, before --max-queue-delay-ms if "
+             "company stops coming; 0 waits the whole delay (env CHARRNN_MAX_QUEUE_GAP_MS)")
     add("--max-queue-words", type=int, default=_env(env, "CHARRNN_MAX_QUEUE_WORDS", DEFAULTS.max_queue_words),
         help="words waiting per model before RESOURCE_EXHAUSTED (env CHARRNN_MAX_QUEUE_WORDS)")
     add("--run-threads", type=int, default=_env(env, "CHARRNN_RUN_THREADS", DEFAULTS.run_threads),
@@ -314,8 +322,10 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
                  "run_threads", "keep_versions", "max_concurrent_streams", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.poll_seconds < 0 or args.inline_max_us < 0:
-        parser.error("--grace-seconds, --max-queue-delay-ms, --poll-seconds and --inline-max-us cannot be negative")
+    if (args.grace_seconds < 0 or args.max_queue_delay_ms < 0 or args.max_queue_gap_ms < 0 or args.poll_seconds < 0
+            or args.inline_max_us < 0):
+        parser.error("--grace-seconds, --max-queue-delay-ms, --max-queue-gap-ms, --poll-seconds and --inline-max-us "
+                     "cannot be negative")
     for name in ("watch_interval_s", "keepalive_min_ping_interval_s", "max_connection_idle_s",
                  "max_connection_age_s", "max_connection_age_grace_s"):
         if getattr(args, name) < 0:

@@ -39,8 +39,10 @@ BATCHING_TOLERANCE = 1e-6
 """A word batched with others against the same word alone: the same onnxruntime kernels, rounding aside."""
 
 
-def batch_settings(max_batch_words: int = 1024, max_delay_s: float = 0.0, max_queue_words: int = 65536) -> BatchSettings:
-    return BatchSettings(max_batch_words, max_delay_s, max_queue_words)
+def batch_settings(
+    max_batch_words: int = 1024, max_delay_s: float = 0.0, max_queue_words: int = 65536, max_gap_s: float = 0.0
+) -> BatchSettings:
+    return BatchSettings(max_batch_words, max_delay_s, max_queue_words, max_gap_s)
 
 
 @pytest.fixture(scope="module")
@@ -484,6 +486,52 @@ def test_max_delay_gathers_company_once_several_callers_share_a_batch(runtimes: 
 
     asyncio.run(scenario())
     assert recorder.runs == [("rnn", 1), ("rnn", 3)]
+
+
+def _gap_scenario(
+    runtimes: dict[str, ModelRuntime], max_delay_s: float, max_gap_s: float, arrivals: Sequence[float]
+) -> tuple[list[tuple[str, int]], float]:
+    """Two callers together (the first runs alone, the second waits: concurrency is evident), then one
+    more 1-letter caller at each of `arrivals` (seconds from the start); (runs, seconds until all answered)."""
+    model = runtimes["rnn"]
+    recorder = Recorder()
+    batcher = Batcher(model, batch_settings(max_delay_s=max_delay_s, max_gap_s=max_gap_s), recorder)
+
+    async def submit(after: float) -> None:
+        await asyncio.sleep(after)
+        await batcher.submit(model.alphabet.indices(["h"]), model.zero_state(1), None)
+
+    async def scenario() -> float:
+        batcher.start()
+        started = time.perf_counter()
+        await asyncio.gather(submit(0), submit(0), *(submit(at) for at in arrivals))
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed
+
+    elapsed = asyncio.run(scenario())
+    return recorder.runs, elapsed
+
+
+def test_a_waiting_batch_runs_once_company_stops_coming(runtimes: dict[str, ModelRuntime]) -> None:
+    """max_gap: the batch waits while requests keep joining it, and not the rest of max_delay once they stop."""
+    runs, elapsed = _gap_scenario(runtimes, max_delay_s=3.0, max_gap_s=0.1, arrivals=[0.03])
+    assert runs == [("rnn", 1), ("rnn", 2)]
+    assert elapsed < 1.5, f"the batch waited {elapsed:.2f} s: max_delay 3 s, but no one joined after 0.03 s"
+
+
+def test_while_company_keeps_coming_a_batch_waits_past_max_gap(runtimes: dict[str, ModelRuntime]) -> None:
+    """Arrivals closer together than max_gap keep the batch open (up to max_delay), though together they
+    span several gaps."""
+    runs, elapsed = _gap_scenario(runtimes, max_delay_s=3.0, max_gap_s=0.2, arrivals=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3])
+    assert runs == [("rnn", 1), ("rnn", 7)], runs
+    assert elapsed < 2.0, elapsed
+
+
+def test_without_max_gap_a_batch_waits_its_whole_max_delay(runtimes: dict[str, ModelRuntime]) -> None:
+    runs, elapsed = _gap_scenario(runtimes, max_delay_s=0.4, max_gap_s=0.0, arrivals=[0.03])
+    assert runs == [("rnn", 1), ("rnn", 2)]
+    assert elapsed >= 0.39, elapsed
 
 
 def _fast_predictor() -> RunPredictor:

@@ -182,18 +182,19 @@ def test_defaults_with_an_empty_environment() -> None:
     assert config == ServerConfig(
         repository=Path("./model_repository"), address="0.0.0.0", port=50051, device="auto", grace_seconds=10.0,
         max_words=4096, max_word_length=256, max_message_bytes=64 * 1024 * 1024, metrics_port=9090,
-        log_level="INFO", batching=True, max_batch_words=4096, max_queue_delay_ms=0.0, max_queue_words=65536,
-        run_threads=1, port_file=None, keep_versions=1, poll_seconds=0.0,
+        log_level="INFO", batching=True, max_batch_words=4096, max_queue_delay_ms=5.0, max_queue_gap_ms=1.0,
+        max_queue_words=65536, run_threads=1, port_file=None, keep_versions=1, poll_seconds=0.0,
     )
 
 
 def test_the_config_builds_the_cores_settings() -> None:
     config = parse_config(["--max-words", "7", "--max-word-length", "9", "--max-batch-words", "11",
-                           "--max-queue-delay-ms", "1.5", "--max-queue-words", "13", "--run-threads", "2",
+                           "--max-queue-delay-ms", "1.5", "--max-queue-gap-ms", "0.5", "--max-queue-words", "13",
+                           "--run-threads", "2",
                            "--device", "cpu", "--keep-versions", "3", "--inline-max-us", "50"], {})
     settings = config.engine_settings()
     assert settings == EngineSettings(
-        "cpu", 2, Limits(max_words=7, max_word_length=9), BatchSettings(11, 0.0015, 13), keep_versions=3,
+        "cpu", 2, Limits(max_words=7, max_word_length=9), BatchSettings(11, 0.0015, 13, 0.0005), keep_versions=3,
         inline_max_s=50e-6,
     )
     assert parse_config(["--no-batching"], {}).engine_settings().batching is None
@@ -220,6 +221,7 @@ FULL_ENV = {
     "CHARRNN_BATCHING": "off",
     "CHARRNN_MAX_BATCH_WORDS": "11",
     "CHARRNN_MAX_QUEUE_DELAY_MS": "1.5",
+    "CHARRNN_MAX_QUEUE_GAP_MS": "0.25",
     "CHARRNN_MAX_QUEUE_WORDS": "13",
     "CHARRNN_RUN_THREADS": "4",
     "CHARRNN_PORT_FILE": "/env/ports.json",
@@ -252,7 +254,8 @@ def test_every_setting_comes_from_its_environment_variable() -> None:
     assert config == ServerConfig(
         repository=Path("/env/repo"), address="10.0.0.1", port=1111, device="cuda", grace_seconds=2.5,
         max_words=7, max_word_length=9, max_message_bytes=12345, metrics_port=-1, log_level="DEBUG",
-        batching=False, max_batch_words=11, max_queue_delay_ms=1.5, max_queue_words=13, run_threads=4,
+        batching=False, max_batch_words=11, max_queue_delay_ms=1.5, max_queue_gap_ms=0.25, max_queue_words=13,
+        run_threads=4,
         port_file=Path("/env/ports.json"), keep_versions=2, poll_seconds=30.0, **ENV_SECURITY_AND_LIMITS,
     )
 
@@ -262,7 +265,7 @@ def test_flags_win_over_the_environment() -> None:
         "--repository", "/flag/repo", "--address", "127.0.0.1", "--port", "2222", "--device", "cpu",
         "--grace-seconds", "0.5", "--max-words", "70", "--max-word-length", "90", "--max-message-bytes", "54321",
         "--metrics-port", "0", "--log-level", "WARNING", "--batching", "--max-batch-words", "110",
-        "--max-queue-delay-ms", "0", "--max-queue-words", "130",
+        "--max-queue-delay-ms", "0", "--max-queue-gap-ms", "2", "--max-queue-words", "130",
         "--run-threads", "2", "--port-file", "/flag/ports.json", "--keep-versions", "4", "--poll-seconds", "0.5",
         "--metrics-address", "127.0.0.2",
         "--tls-cert", "/flag/cert.pem", "--tls-key", "/flag/key.pem", "--tls-client-ca", "/flag/ca.pem",
@@ -274,7 +277,8 @@ def test_flags_win_over_the_environment() -> None:
     assert config == ServerConfig(
         repository=Path("/flag/repo"), address="127.0.0.1", port=2222, device="cpu", grace_seconds=0.5,
         max_words=70, max_word_length=90, max_message_bytes=54321, metrics_port=0, log_level="WARNING",
-        batching=True, max_batch_words=110, max_queue_delay_ms=0.0, max_queue_words=130, run_threads=2,
+        batching=True, max_batch_words=110, max_queue_delay_ms=0.0, max_queue_gap_ms=2.0, max_queue_words=130,
+        run_threads=2,
         port_file=Path("/flag/ports.json"), keep_versions=4, poll_seconds=0.5, metrics_address="127.0.0.2",
         tls_cert=Path("/flag/cert.pem"),
         tls_key=Path("/flag/key.pem"), tls_client_ca=Path("/flag/ca.pem"), auth_token_file=Path("/flag/tokens"),
@@ -318,6 +322,7 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
         (["--run-threads", "0"], "--run-threads must be at least 1"),
         (["--grace-seconds", "-1"], "cannot be negative"),
         (["--max-queue-delay-ms", "-0.5"], "cannot be negative"),
+        (["--max-queue-gap-ms", "-1"], "cannot be negative"),
         (["--poll-seconds", "-1"], "cannot be negative"),
         (["--keep-versions", "0"], "--keep-versions must be at least 1"),
         (["--device", "gpu"], "invalid choice: 'gpu'"),

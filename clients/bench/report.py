@@ -209,7 +209,9 @@ NOTES = """## How to read this
   onnxruntime run carried. With batching off it is the request size.
 - The queue delay (see Server flags) only lets a batch wait for company once traffic is evidently
   concurrent (several callers queued, or the first arrived while the model was busy); a lone request on an
-  idle server never waits, so the concurrency-1 rows pay nothing for it.
+  idle server never waits, so the concurrency-1 rows pay nothing for it. A waiting batch also runs once no
+  request has joined it for --max-queue-gap-ms (default 1 ms), so a few callers are not kept waiting for
+  company that cannot come.
 - A run predicted (per model and batch size) to take at most --inline-max-us (default 500 us) runs on the
   event loop: with --max-queue-delay-ms 0 a request that finds its model idle is run at once inside the
   handler (no queue, no future, no extra loop turn; not in the servers of this run, which have a delay), a
