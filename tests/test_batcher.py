@@ -513,9 +513,9 @@ def _gap_scenario(
     return recorder.runs, elapsed
 
 
-def test_a_waiting_batch_runs_once_company_stops_coming(runtimes: dict[str, ModelRuntime]) -> None:
+def test_after_max_gap_without_company_a_waiting_batch_runs(runtimes: dict[str, ModelRuntime]) -> None:
     """max_gap: the batch waits while requests keep joining it, and not the rest of max_delay once they stop."""
-    runs, elapsed = _gap_scenario(runtimes, max_delay_s=3.0, max_gap_s=0.1, arrivals=[0.03])
+    runs, elapsed = _gap_scenario(runtimes, max_delay_s=3.0, max_gap_s=0.3, arrivals=[0.03])
     assert runs == [("rnn", 1), ("rnn", 2)]
     assert elapsed < 1.5, f"the batch waited {elapsed:.2f} s: max_delay 3 s, but no one joined after 0.03 s"
 
@@ -526,6 +526,18 @@ def test_while_company_keeps_coming_a_batch_waits_past_max_gap(runtimes: dict[st
     runs, elapsed = _gap_scenario(runtimes, max_delay_s=3.0, max_gap_s=0.2, arrivals=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3])
     assert runs == [("rnn", 1), ("rnn", 7)], runs
     assert elapsed < 2.0, elapsed
+
+
+def test_max_delay_still_caps_a_batch_that_company_keeps_joining_within_max_gap(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    """Arrivals every 50 ms with a 200 ms gap would keep the batch open for ever: max_delay (300 ms from the
+    head's arrival) ends it, and later arrivals form the next batch."""
+    arrivals = [0.05 * step for step in range(1, 13)]  # 50 ms .. 600 ms
+    runs, _ = _gap_scenario(runtimes, max_delay_s=0.3, max_gap_s=0.2, arrivals=arrivals)
+    assert len(runs) >= 3 and runs[0] == ("rnn", 1), runs  # the lone first, then at least two batches
+    assert sum(words for _, words in runs) == 14
+    assert runs[1][1] < 13, runs  # the first batch did not wait for every arrival
 
 
 def test_without_max_gap_a_batch_waits_its_whole_max_delay(runtimes: dict[str, ModelRuntime]) -> None:

@@ -127,6 +127,7 @@ def test_model_config_is_the_servers_real_limits(triton_client: triton.Inference
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters["alphabet"] == "helo" and parameters["kind"] == "lstm"
     assert parameters["max_batch_words"] == str(served.config.max_batch_words)
+    assert parameters["max_queue_gap_ms"] == f"{served.config.max_queue_gap_ms:g}"
     assert parameters["execution_provider"] == "CPUExecutionProvider"
 
 

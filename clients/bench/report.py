@@ -134,7 +134,9 @@ def render(report: Report, checks: list[Check]) -> str:
             "",
             "The two batching knobs, a server per setting, the same unary cells on each (measured in this run, one "
             "server after the other): `--max-queue-delay-ms` (how long a batch may wait for company once traffic "
-            "is evidently concurrent) and `--run-threads` (onnxruntime threads per model = batches running at once).",
+            "is evidently concurrent; every row with the default `--max-queue-gap-ms 1`, which ends the wait once "
+            "no request has joined for 1 ms) and `--run-threads` (onnxruntime threads per model = batches running "
+            "at once).",
             "",
             "| server flags | model | concurrency | words/request | words/s | p50 ms | avg batch words |",
             "|---|---|---:|---:|---:|---:|---:|",

@@ -398,8 +398,6 @@ class DirectRunner:
         self._running = 0
         self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_arrival = 0.0
-        """loop.time() at which the last request joined the queue (max_gap counts from it)."""
 
     def start(self) -> None:
         """Bind to the running event loop (call from the serving loop before submit)."""

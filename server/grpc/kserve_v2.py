@@ -229,6 +229,7 @@ class KServeV2Service(FrontEnd):
         if self._batching is not None:
             parameters["max_batch_words"] = str(self._batching.max_batch_words)
             parameters["max_queue_words"] = str(self._batching.max_queue_words)
+            parameters["max_queue_gap_ms"] = f"{self._batching.max_gap_s * 1000:g}"
         config = mc.ModelConfig(
             name=model.name, platform=PLATFORM, backend="onnxruntime",
             max_batch_size=limits.max_words,  # words one request may hold (more: RESOURCE_EXHAUSTED)
