@@ -282,16 +282,14 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
             item = cell(runs["ours"], words, concurrency)
             merged.append("-" if item is None or item.get("words_per_ort_call") is None else f"{float(item['words_per_ort_call']):.1f}")  # type: ignore[arg-type]
         if "grpc-echo" in runs and "torchserve" in runs:
-            # Where both sides saturate the box (concurrency 64), requests/s <= CPUs / (server + client CPU per
-            # request): with a server as cheap as the echo (which runs no model), ours could do at most this.
+            # With a server as cheap as the echo (which runs no model), ours could do at most this (_c64_ratio).
             bounds = []
             for words, concurrency in PEER_CELLS:
                 mine, echo, theirs = (cell(runs[n], words, concurrency) for n in ("ours", "grpc-echo", "torchserve"))
                 if concurrency < 64 or mine is None or echo is None or theirs is None:
                     bounds.append("-")
                     continue
-                ceiling = CPUS / ((us_per_request(echo) + client_us_per_request(mine)) / 1e6) * words
-                bounds.append(f"{ceiling / float(theirs['words_per_s']):.2f}")  # type: ignore[arg-type]
+                bounds.append(_c64_ratio(us_per_request(echo) + client_us_per_request(mine), words, theirs))
             lines.append("| bound at concurrency 64, ours / TorchServe, were our server CPU per request the echo's: "
                          f"{CPUS} CPUs / (echo server + our client us per request) | " + " | ".join(bounds) + " |")
             if inproc is not None:
@@ -299,6 +297,13 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
         lines.append("| ours: words per onnxruntime run (charrnn_batch_words) | " + " | ".join(merged) + " |")
     lines += ["", end]
     return "\n".join(lines) + "\n"
+
+
+def _c64_ratio(box_us_per_request: float, words: int, theirs: dict[str, object]) -> str:
+    """Where both sides saturate the box (concurrency 64), requests/s <= CPUS / (server + client CPU per
+    request): the words/s a server costing `box_us_per_request` (with its client) could reach, against theirs."""
+    ceiling = CPUS / (box_us_per_request / 1e6) * words
+    return f"{ceiling / float(theirs['words_per_s']):.2f}"  # type: ignore[arg-type]
 
 
 def _model_floors(
@@ -323,8 +328,7 @@ def _model_floors(
         if concurrency < 64 or mine is None or theirs is None:
             bounds.append("-")
             continue
-        ceiling = CPUS / ((server_us(echo) + model_us + client_us(mine)) / 1e6) * words
-        bounds.append(f"{ceiling / float(theirs['words_per_s']):.2f}")  # type: ignore[arg-type]
+        bounds.append(_c64_ratio(server_us(echo) + model_us + client_us(mine), words, theirs))
     return [
         "| floor of ours / echo, server CPU per request, for any server running the model: 1 + the model's own run "
         "(ort_inproc, 1 thread) / echo us per request | " + " | ".join(cpu_floors) + " |",
