@@ -82,8 +82,10 @@ def test_two_workers_answer_concurrent_mixed_traffic_exactly_as_eager(
     """--workers 2, batching on: the same mixed traffic over 8 connections of their own (spread over both workers
     by SO_REUSEPORT), every word equal to eager PyTorch alone; and the runs did merge requests."""
     requests = random_traffic(runtimes, 7, count=120, models=MODELS)
+    # A 20 ms wait so that requests from several connections meet; the whole of it (gap 0), since on a loaded
+    # machine they may arrive more than the default 1 ms gap apart (seen: 120 runs for 120 requests).
     server = start_server(model_repository, tmp_path, "--workers", "2", "--max-batch-words", "64",
-                          "--max-queue-delay-ms", "20")  # so that requests from several connections meet
+                          "--max-queue-delay-ms", "20", "--max-queue-gap-ms", "0")
 
     async def send_all() -> list[list[object]]:
         channels = [grpc.aio.insecure_channel(server.target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
