@@ -224,13 +224,15 @@ def test_not_serving_while_models_load_then_serving(model_repository: Path, tmp_
 def test_sigterm_drains_in_flight_requests(model_repository: Path, tmp_path: Path) -> None:
     """~20 concurrent requests and a stream are in flight at SIGTERM: health turns NOT_SERVING, all of them
     complete OK, and the process exits 0."""
-    running = start_server(model_repository, tmp_path, "--max-batch-words", "300")  # one request per run
+    # One request per run, all on one worker: 20 runs of 600 long words take over a second (a 300-word run takes
+    # 17 ms on the 2-core VM of 2026-12-07, so 20 of those split over two workers could all end before SIGTERM).
+    running = start_server(model_repository, tmp_path, "--max-batch-words", "600", "--workers", "1")
     try:
         with grpc.insecure_channel(running.target, options=CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.CharRnnStub(channel)
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
             assert next(watch).status == SERVING
-            requests = [pb.EncodeRequest(model=LARGE_MODEL, words=long_words(300, seed)) for seed in range(20)]
+            requests = [pb.EncodeRequest(model=LARGE_MODEL, words=long_words(600, seed)) for seed in range(20)]
             outcomes: dict[int, object] = {}
             barrier = threading.Barrier(len(requests) + 2)
 
@@ -265,7 +267,7 @@ def test_sigterm_drains_in_flight_requests(model_repository: Path, tmp_path: Pat
             for thread in threads:
                 thread.join(60)
             assert finished_before_signal < len(requests), "nothing was in flight: make the requests heavier"
-            assert outcomes == {index: [64 * 64] * 300 for index in range(len(requests))}
+            assert outcomes == {index: [64 * 64] * 600 for index in range(len(requests))}
             assert stream_outcome == [[2] * 30]
         assert running.process.wait(60) == 0, running.log()
         log = running.log()
