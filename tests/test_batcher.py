@@ -587,25 +587,85 @@ def test_a_tiny_request_on_an_idle_model_is_answered_inside_submit(
     assert recorder.runs == [("lstm", 2)]
 
 
-def test_with_a_max_delay_a_tiny_request_takes_the_queue(runtimes: dict[str, ModelRuntime]) -> None:
-    """A max_delay asks for merging: the request is queued (its coroutine suspends), not answered inside submit."""
+def _answered_inside_submit(batcher: Batcher, model: ModelRuntime, words: list[str]) -> bool:
+    """Whether submit() finishes in its first step (the at-once path) rather than suspending on the queue. A
+    suspended call is abandoned (closed): its words stay queued and run, unawaited, at close()."""
+    h0 = model.zero_state(len(words))
+    submitted = batcher.submit(model.alphabet.indices(words), h0, np.zeros_like(h0))
+    try:
+        submitted.send(None)
+    except StopIteration:
+        return True
+    submitted.close()
+    return False
+
+
+def test_with_a_max_delay_a_tiny_request_on_an_idle_model_is_still_answered_inside_submit(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    """An idle model has no company to wait for: max_delay or not, the lone request runs at once."""
     model = runtimes["lstm"]
-    batcher = Batcher(model, batch_settings(max_delay_s=0.05), predictor=_fast_predictor())
-    h0 = model.zero_state(1)
+    recorder = Recorder()
+    batcher = Batcher(model, batch_settings(max_delay_s=0.05, max_gap_s=0.01), recorder, predictor=_fast_predictor())
 
     async def scenario() -> bool:
         batcher.start()
-        submitted = batcher.submit(model.alphabet.indices(["hello"]), h0, np.zeros_like(h0))
         try:
-            submitted.send(None)
-        except StopIteration:
-            return False
+            return _answered_inside_submit(batcher, model, ["hello"])
         finally:
-            submitted.close()
             await batcher.close()
-        return True
 
-    assert asyncio.run(scenario()), "answered at once despite max_delay"
+    assert asyncio.run(scenario()), "submit() suspended: the lone tiny request was queued"
+    assert recorder.runs == [("lstm", 1)]
+
+
+def test_while_a_caller_waits_for_a_queued_batch_an_idle_model_still_takes_the_queue(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    """A caller whose batch has run but who has not resumed yet is concurrent traffic: a request arriving then
+    (model idle, queue empty) is queued, where it can meet company, instead of being answered at once."""
+    model = runtimes["rnn"]
+    seen: list[bool] = []
+
+    def observer(name: str, words: int, seconds: float) -> None:
+        # Called by the batch's completion before its callers' futures are resolved and their tasks resumed.
+        if words == 2 and not seen:
+            asyncio.get_running_loop().call_soon(lambda: seen.append(_answered_inside_submit(batcher, model, ["o"])))
+
+    batcher = Batcher(model, batch_settings(max_delay_s=0.05), observer, predictor=_fast_predictor())
+
+    async def scenario() -> None:
+        batcher.start()
+        # The first runs at once (its slot held until the next turn); the second, from another caller, queues
+        # behind it and runs as the 2-word batch the observer waits for.
+        await asyncio.gather(start_submit(batcher, model, ["he"]), start_submit(batcher, model, ["lo", "h"]))
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert seen == [False], "answered at once while another caller still waited for its queued batch"
+
+
+def test_with_a_max_delay_requests_of_other_callers_in_a_run_at_once_turn_wait_and_ride_together(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    """Other callers' requests handed over in the turn of a run done at once are company: with a max_delay they
+    queue behind its held slot, wait, and ride one run (the same caller's next request does not wait:
+    test_a_lone_request_does_not_wait_for_max_delay)."""
+    model = runtimes["rnn"]
+    recorder = Recorder()
+    batcher = Batcher(model, batch_settings(max_delay_s=5.0, max_gap_s=0.05), recorder, predictor=_fast_predictor())
+
+    async def scenario() -> float:
+        batcher.start()
+        started = time.perf_counter()
+        await asyncio.gather(*(start_submit(batcher, model, ["hel", "lo"]) for _ in range(4)))
+        took = time.perf_counter() - started
+        await batcher.close()
+        return took
+
+    took = asyncio.run(scenario())
+    assert recorder.runs == [("rnn", 2), ("rnn", 6)]
+    assert took < 2.0, f"the batch waited {took:.2f} s: the gap (50 ms) should have ended its wait"
 
 
 def test_requests_handed_over_in_the_same_turn_as_a_run_at_once_ride_the_next_run_together(

@@ -215,9 +215,8 @@ NOTES = """## How to read this
   request has joined it for --max-queue-gap-ms (default 1 ms), so a few callers are not kept waiting for
   company that cannot come.
 - A run predicted (per model and batch size) to take at most --inline-max-us (default 500 us) runs on the
-  event loop: with --max-queue-delay-ms 0 a request that finds its model idle is run at once inside the
-  handler (no queue, no future, no extra loop turn; not in the servers of this run, which have a delay), a
-  queued batch inline from the batcher. Any other run is started with
+  event loop: a request that finds its model idle (no other caller waiting) is run at once inside the
+  handler (no queue, no future, no extra loop turn), a queued batch inline from the batcher. Any other run is started with
   session.run_async on onnxruntime's own thread and its outcome posted back to the event loop: a thread
   wake-up each way that the echo never pays, tens to hundreds of microseconds on this VM
   (server/core/batcher.py and server/core/inline.py say when each path is taken).

@@ -2,15 +2,24 @@
 
 Event-driven, with no worker task. A request is answered by one of two paths:
 
-- At once, inside submit(), with max_delay 0, when the model is idle (nothing queued, nothing running) and
-  the RunPredictor (server/core/inline.py) knows the run to be tiny: one run of its own on the event loop,
-  with no future, so the caller resumes without an extra event-loop turn. grpc.aio hands requests to the loop
-  one per turn (its server accepts one call at a time), so without a delay an idle model has no company
-  anyway. The run's slot stays taken until the loop's next iteration, so requests handed over in the same
-  turn (a stream's, an in-process caller's) queue and ride one run.
-  A delay (the server's default is 5 ms) asks for merging at the price of waiting, and gets the queue. Under
-  load merging wins: a one-word run costs 17 us in a tight loop but about 50 us between gRPC's calls
-  (caches), so with 64 callers a batch of a few words saves more than its queue turns cost.
+- At once, inside submit(), when the model is idle (nothing queued, nothing running, no caller still
+  waiting for a queued batch's outcome) and the RunPredictor (server/core/inline.py) knows the run to be
+  tiny: one run of its own on the event loop, with no future, so the caller resumes without an extra
+  event-loop turn. grpc.aio hands requests to the loop one per turn (its server accepts one call at a
+  time), so an idle model has no company to wait for anyway, max_delay or not (a queued lone request would
+  run at once too, one future and two loop turns later). The run's slot stays taken until the loop's next
+  iteration, so requests handed over in the same turn (a stream's, an in-process caller's, other
+  connections') queue behind it and, with a max_delay, wait for company. A caller still waiting for a
+  queued batch is evidence of concurrent traffic: then a request takes the queue, as under load; a slot
+  held by the same caller's previous request is not (a lone in-process caller never waits). Measured
+  against the queue for every request with a delay (peer rig's client, 2 cores, the server's defaults,
+  3 x 6 s per cell, alternated, 2026-12-07): concurrency 1 p50 -3 to -4 % at 1 word (0.74 -> 0.71 ms) and
+  -2 to -8 % at 32 words, server CPU per request -2 to -10 %; concurrency 64 (1 word) -2 to +4 %
+  requests/s, at 1.5-1.7 instead of 2.1-2.2 words per run.
+  A delay (the server's default is 5 ms) asks for merging at the price of waiting, and gets the queue
+  whenever traffic is concurrent. Under load merging wins: a one-word run costs 17 us in a tight loop but
+  about 50 us between gRPC's calls (caches), so with 64 callers a batch of a few words saves more than its
+  queue turns cost.
 - Queued otherwise: a batch is handed to onnxruntime the moment a run slot is free, from submit(), from a
   run's completion (the slot is handed to the queue before the finished batch's results are split) or from
   the max-delay timer. Requests that arrive while the model is busy (a run on onnxruntime's thread) ride
@@ -181,11 +190,15 @@ class Batcher:
         self._observer = observer
         self._predictor = predictor
         """Decides which runs go inline (server/core/inline.py); None: every run on onnxruntime's thread."""
-        self._at_once = predictor is not None and settings.max_delay_s <= 0
-        """Tiny requests on an idle model are run at once; not with a max_delay, which asks for merging instead."""
+        self._at_once = predictor is not None
+        """Tiny requests on an idle model are run at once (see the module doc)."""
         self._queue: deque[_Pending] = deque()
         self._queued_words = 0
         self._running = 0  # batches started and not yet finished (a run done at once counts until released)
+        self._waiting_callers = 0
+        """Callers of submit() suspended on a queued batch's future (answered or not): concurrent traffic."""
+        self._held_by: asyncio.Task[object] | None = None
+        """The task whose run done at once holds a slot until the loop's next iteration (None: no such slot)."""
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._drained: asyncio.Event | None = None
@@ -227,25 +240,33 @@ class Batcher:
                 f"model {self.model.name!r} is overloaded: {self._queued_words} words queued "
                 f"(limit {self.settings.max_queue_words}); retry later"
             )
-        if self._at_once and not self._queue and not self._running:
+        if self._at_once and not self._queue and not self._running and not self._waiting_callers:
             assert self._predictor is not None
             answered = _answered_now(self.model, self._predictor, self._observer, (letters, h0, c0))
             if answered is not None:
                 # Its run slot stays taken until the loop's next iteration: requests handed over in this same
                 # turn (an asyncio client's, a stream's) queue behind it and then ride one run together.
                 self._running += 1
+                self._held_by = asyncio.current_task(loop)
                 loop.call_soon(self._release_slot)
                 return answered
         future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
         busy = self._running > 0 or bool(self._queue)
+        if self._held_by is not None and self._running == 1 and self._held_by is asyncio.current_task(loop):
+            busy = False  # the held slot is this caller's own previous request: no company is coming
         self._last_arrival = now = loop.time()
         self._queue.append(_Pending(letters, h0, c0, future, now, busy))
         self._queued_words += words
         self._dispatch()
-        return await future
+        self._waiting_callers += 1
+        try:
+            return await future
+        finally:
+            self._waiting_callers -= 1
 
     def _release_slot(self) -> None:
         self._running -= 1
+        self._held_by = None
         self._dispatch()
 
     def _dispatch(self) -> None:
