@@ -163,7 +163,7 @@ class PoisonedRuntime(ModelRuntime):
         self, encoded: WordIndices, h0: npt.NDArray[np.float32], c0: npt.NDArray[np.float32] | None, done: RunDone
     ) -> None:
         if POISON_LENGTH in encoded.lengths.tolist():
-            encoded = WordIndices(encoded.indices, encoded.lengths.astype(np.int64))
+            encoded = WordIndices(encoded.indices, encoded.lengths.astype(np.int64), encoded.longest)
         super().start_run(encoded, h0, c0, done)
 
 

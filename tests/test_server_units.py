@@ -167,7 +167,7 @@ def test_one_hot_batch_pads_with_zero_rows() -> None:
 
 
 def test_one_hot_batch_of_hand_built_indices() -> None:
-    encoded = WordIndices(np.array([2, 0, 1, 1], dtype=np.int64), np.array([1, 3], dtype=np.int32))
+    encoded = WordIndices(np.array([2, 0, 1, 1], dtype=np.int64), np.array([1, 3], dtype=np.int32), 3)
     expected = np.zeros((2, 3, 3), dtype=np.float32)
     expected[0, 0, 2] = 1
     expected[1, 0, 0] = expected[1, 1, 1] = expected[1, 2, 1] = 1

@@ -24,6 +24,8 @@ class WordIndices:
 
     indices: npt.NDArray[np.int64]  # [total characters]
     lengths: npt.NDArray[np.int32]  # [words]
+    longest: int
+    """lengths.max(), kept: the batch key, the one-hot batch and each request's slice of a run all need it."""
 
 
 class Alphabet:
@@ -76,14 +78,15 @@ class Alphabet:
         """Indices of words already known to be valid (see check)."""
         joined = "".join(words)
         lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
+        longest = int(lengths.max()) if len(words) else 0
         if self._byte_table is not None:
             indices = np.frombuffer(joined.encode("latin-1").translate(self._byte_table), dtype=np.uint8)
-            return WordIndices(indices.astype(np.int64), lengths)
+            return WordIndices(indices.astype(np.int64), lengths, longest)
         codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
         if self._code_table is not None:
-            return WordIndices(self._code_table[codes], lengths)
+            return WordIndices(self._code_table[codes], lengths, longest)
         slots = np.searchsorted(self._sorted_codes, codes)
-        return WordIndices(self._positions[slots], lengths)
+        return WordIndices(self._positions[slots], lengths, longest)
 
     def _bad_char_mask(self, words: Sequence[str]) -> npt.NDArray[np.bool_]:
         codes = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
@@ -116,7 +119,7 @@ def _identity(size: int) -> npt.NDArray[np.float32]:
 def one_hot_batch(letters: WordIndices, alphabet_size: int) -> npt.NDArray[np.float32]:
     """Padded one-hot batch [words, max_len, alphabet_size]; positions past a word's end are zero rows."""
     lengths = letters.lengths
-    words, max_len = len(lengths), int(lengths.max())
+    words, max_len = len(lengths), letters.longest
     rows = np.take(_identity(alphabet_size), letters.indices, axis=0)  # [total characters, alphabet_size]
     if len(letters.indices) == words * max_len:  # every word as long as the longest: no padding
         return rows.reshape(words, max_len, alphabet_size)

@@ -170,7 +170,7 @@ def _answered_now(
 
 def _bucket(letters: WordIndices) -> int:
     """The predictor's bucket of a batch (RunPredictor.key)."""
-    return RunPredictor.key(len(letters.lengths), int(letters.lengths.max()))
+    return RunPredictor.key(len(letters.lengths), letters.longest)
 
 
 class Batcher:
@@ -360,7 +360,7 @@ class Batcher:
             for item in batch:
                 stop = start + item.words
                 if not item.future.done():
-                    part = _slice(outputs, start, stop, int(item.letters.lengths.max()))
+                    part = _slice(outputs, start, stop, item.letters.longest)
                     item.future.set_result((part, RunStats(dispatched - item.enqueued, seconds, total_words)))
                 start = stop
         except Exception as failure:  # noqa: BLE001 - callers not yet answered get it rather than wait forever
@@ -389,6 +389,7 @@ def _merge(batch: list[_Pending]) -> _Merged:
     letters = WordIndices(
         np.concatenate([item.letters.indices for item in batch]),
         np.concatenate([item.letters.lengths for item in batch]),
+        max(item.letters.longest for item in batch),
     )
     h0 = np.concatenate([item.h0 for item in batch], axis=1)
     c0 = None if batch[0].c0 is None else np.concatenate([item.c0 for item in batch if item.c0 is not None], axis=1)
