@@ -252,8 +252,9 @@ class Batcher:
                 return answered
         future: asyncio.Future[tuple[RunOutputs, RunStats]] = loop.create_future()
         busy = self._running > 0 or bool(self._queue)
-        if self._held_by is not None and self._running == 1 and self._held_by is asyncio.current_task(loop):
-            busy = False  # the held slot is this caller's own previous request: no company is coming
+        held_by = self._held_by
+        if held_by is not None and not self._queue and self._running == 1 and held_by is asyncio.current_task(loop):
+            busy = False  # the only slot taken is held by this caller's own previous request: no company
         self._last_arrival = now = loop.time()
         self._queue.append(_Pending(letters, h0, c0, future, now, busy))
         self._queued_words += words
