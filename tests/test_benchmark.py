@@ -68,6 +68,25 @@ def checks_by_name(report: Report) -> dict[str, Any]:
 
 
 @pytest.mark.unit
+def test_the_latency_bound_takes_the_handler_after_an_idle_gap_where_measured() -> None:
+    """A lone client's request finds the process idle: the handler's time then, not back to back, bounds it;
+    and the back-to-back rows (not the idle ones) still bound the throughput ratios."""
+    idle = [
+        {"model": MAIN_MODEL, "concurrency": 1, "words": 1, "requests": 100, "requests_per_s": 900.0,
+         "wall_us_per_request": 450.0, "cpu_us_per_request": 400.0, "idle_gap_ms": 0.5, "idle_cpu_us": 40.0},
+        {"model": MAIN_MODEL, "concurrency": 1, "words": 32, "requests": 100, "requests_per_s": 800.0,
+         "wall_us_per_request": 600.0, "cpu_us_per_request": 550.0, "idle_gap_ms": 0.5, "idle_cpu_us": 40.0},
+    ]
+    cells = [server(MAIN_MODEL, True, 1, 1, 1000, p50=0.84), echo(1, 1, 1600, 0.6, 300, 250),
+             server(MAIN_MODEL, True, 64, 1, 3000), echo(64, 1, 4000, 15.0, 250, 200)]
+    checks = checks_by_name(report_with(cells, HANDLER + idle))
+    latency = checks["1 word, concurrency 1"]
+    assert latency.bound == pytest.approx((0.6 + 0.45) / 0.6)
+    assert "after an idle gap 0.450 ms" in latency.bound_detail
+    assert checks["1 word, concurrency 64"].bound == pytest.approx(450 / (450 + 50))
+
+
+@pytest.mark.unit
 def test_ratios_and_bounds_come_from_the_cells() -> None:
     cells = [
         server(MAIN_MODEL, True, 1, 1, 1000, p50=0.84),
@@ -147,12 +166,18 @@ def test_the_handler_is_measured_without_grpc_on_the_real_engine(model_repositor
     plan = replace(QUICK, warmup_s=0.05, inprocess_s=0.05)
     config = ServerConfig(repository=model_repository, device="cpu", max_queue_delay_ms=1.0)
     rows = measure_handler(config, plan)
-    assert [(row["concurrency"], row["words"]) for row in rows] == [(1, 1), (64, 1), (64, 32)]
+    assert [(row["concurrency"], row["words"], row["idle_gap_ms"]) for row in rows] == [
+        (1, 1, 0.0), (64, 1, 0.0), (64, 32, 0.0), (1, 1, 0.5), (1, 32, 0.5)
+    ]
     for row in rows:
         assert row["requests"] > 0 and row["requests_per_s"] > 0
-        assert row["cpu_us_per_request"] > 0 and row["wall_us_per_request"] > 0
+        assert row["cpu_us_per_request"] >= 0 and row["wall_us_per_request"] > 0
     # 32 words cost more than one: the measurement sees the work it claims to see.
     assert rows[2]["cpu_us_per_request"] > rows[1]["cpu_us_per_request"]
+    # With an idle gap the sleeps' own CPU was measured and taken off; the time in the handler excludes them.
+    assert all(row["idle_cpu_us"] > 0 for row in rows[3:])
+    for row in rows[3:]:  # each iteration is the handler plus a sleep of at least 0.5 ms
+        assert row["wall_us_per_request"] + 450 < 1e6 / row["requests_per_s"], row
 
 
 @pytest.mark.e2e

@@ -30,6 +30,11 @@ from server.metrics import Metrics
 
 HANDLER_SHAPES = ((1, 1), (64, 1), (64, 32))
 """(concurrency, words per request) at which the handler is measured without gRPC (the transport targets)."""
+IDLE_SHAPES = ((1, 1), (1, 32))
+"""Words per request at which one caller is measured with IDLE_GAP_S between its requests."""
+IDLE_GAP_S = 0.0005
+"""A lone gRPC client's next request comes a round trip later (0.4-0.8 ms here): the process sleeps in between,
+and the handler then runs with cold caches. Back to back, the same handler costs far less per request."""
 
 
 def random_words(alphabet: str, count: int, rng: np.random.Generator) -> list[str]:
@@ -112,11 +117,12 @@ def measure_handler(config: ServerConfig, plan: Plan) -> list[dict[str, Any]]:
         engine.start()
         try:
             rows = []
-            for concurrency, words in HANDLER_SHAPES:
-                row = await _measure(service, alphabet, concurrency, words, plan)
+            shapes = [(*shape, 0.0) for shape in HANDLER_SHAPES] + [(*shape, IDLE_GAP_S) for shape in IDLE_SHAPES]
+            for concurrency, words, idle_s in shapes:
+                row = await _measure(service, alphabet, concurrency, words, plan, idle_s)
                 rows.append(row)
-                log(f"handler without gRPC c{concurrency} w{words}: {row['cpu_us_per_request']:.0f} us CPU/request, "
-                    f"{row['wall_us_per_request']:.0f} us per request")
+                log(f"handler without gRPC c{concurrency} w{words} idle gap {idle_s * 1000:g} ms: "
+                    f"{row['cpu_us_per_request']:.0f} us CPU/request, {row['wall_us_per_request']:.0f} us per request")
             return rows
         finally:
             await engine.close()
@@ -125,30 +131,46 @@ def measure_handler(config: ServerConfig, plan: Plan) -> list[dict[str, Any]]:
 
 
 async def _measure(
-    service: CharRnnService, alphabet: str, concurrency: int, words: int, plan: Plan
+    service: CharRnnService, alphabet: str, concurrency: int, words: int, plan: Plan, idle_s: float = 0.0
 ) -> dict[str, Any]:
-    """One shape: warm up for plan.warmup_s, then count the requests `concurrency` callers finish."""
+    """One shape: warm up for plan.warmup_s, then count the requests `concurrency` callers finish. With idle_s,
+    each caller sleeps that long after every request, and the CPU the sleeps alone cost (the same loop without
+    requests, measured first) is taken off: what a request costs when it comes to an idle process."""
     rng = np.random.default_rng(0)
     # Bytes, as gRPC hands them to the handler (it parses its own requests).
     requests = [build_request(MAIN_MODEL, random_words(alphabet, words, rng)).SerializeToString() for _ in range(64)]
     context = _NoGrpcContext()
     done = 0
+    in_handler = 0.0  # seconds inside Encode, summed over the calls (used with idle_s: one caller)
 
-    async def caller(index: int, until: float) -> None:
-        nonlocal done
+    async def caller(index: int, until: float, encode: bool = True) -> None:
+        nonlocal done, in_handler
         while time.perf_counter() < until:
-            await service.Encode(requests[index % len(requests)], context)  # type: ignore[arg-type]
+            if encode:
+                called = time.perf_counter()
+                await service.Encode(requests[index % len(requests)], context)  # type: ignore[arg-type]
+                in_handler += time.perf_counter() - called
+            if idle_s:
+                await asyncio.sleep(idle_s)
             index += 1
             done += 1
 
+    sleep_cpu_us = 0.0
+    if idle_s:  # what the sleeps and wake-ups alone cost, per iteration
+        done = 0
+        cpu = time.process_time()
+        await caller(0, time.perf_counter() + plan.inprocess_s, encode=False)
+        sleep_cpu_us = (time.process_time() - cpu) / max(done, 1) * 1e6
     await asyncio.gather(*(caller(i, time.perf_counter() + plan.warmup_s) for i in range(concurrency)))
-    done = 0
+    done, in_handler = 0, 0.0
     cpu, started = time.process_time(), time.perf_counter()
     await asyncio.gather(*(caller(i, started + plan.inprocess_s * 2) for i in range(concurrency)))
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     done = max(done, 1)
     return {
         "model": MAIN_MODEL, "concurrency": concurrency, "words": words, "requests": done,
-        "requests_per_s": done / elapsed, "wall_us_per_request": elapsed / done * 1e6 * concurrency,
-        "cpu_us_per_request": cpu / done * 1e6,
+        "idle_gap_ms": idle_s * 1000, "idle_cpu_us": sleep_cpu_us,
+        "requests_per_s": done / elapsed,
+        "wall_us_per_request": (in_handler if idle_s else elapsed * concurrency) / done * 1e6,
+        "cpu_us_per_request": max(0.0, cpu / done * 1e6 - sleep_cpu_us),
     }

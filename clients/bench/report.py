@@ -79,14 +79,18 @@ def render(report: Report, checks: list[Check]) -> str:
         f"`CharRnnService.Encode` called directly by that many coroutines ({MAIN_MODEL}, the servers' batch "
         "settings): request checks, one-hot, batcher, the run (at once on the loop when the model is idle and the run "
         "known tiny, else queued), response bytes, metrics; no transport. CPU is this process's, all threads; per "
-        "request, what serving adds to a call.",
+        "request, what serving adds to a call. Rows with an idle gap: one caller that sleeps that long after each "
+        "request, as a lone gRPC client's next request comes a round trip later; their CPU is net of what the "
+        "sleeps alone cost (the same loop without requests, measured first), and their wall time is inside the "
+        "handler. The difference to the back-to-back row is what cold caches add to a request at concurrency 1.",
         "",
-        "| concurrency | words/request | requests/s | CPU us/request | wall us/request |",
-        "|---:|---:|---:|---:|---:|",
+        "| concurrency | words/request | idle gap ms | requests/s | CPU us/request | wall us/request |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report.handler:
-        lines.append(f"| {row['concurrency']} | {row['words']} | {row['requests_per_s']:,.0f} | "
-                     f"{row['cpu_us_per_request']:.0f} | {row['wall_us_per_request']:.0f} |")
+        lines.append(f"| {row['concurrency']} | {row['words']} | {row.get('idle_gap_ms', 0.0):g} | "
+                     f"{row['requests_per_s']:,.0f} | {row['cpu_us_per_request']:.0f} | "
+                     f"{row['wall_us_per_request']:.0f} |")
     lines += [
         "",
         "## Transport limit: grpc.aio echo",
@@ -169,7 +173,8 @@ CEILINGS = """## Ceilings
 
 The last column of the targets bounds each ratio with figures from this same run, where a bound applies:
 - Latency (lower bound): the echo's round trip plus our handler's own time for one request without gRPC
-  (table "Our handler without gRPC", concurrency 1). The handler's time includes the model run: on the
+  (table "Our handler without gRPC", concurrency 1 with an idle gap: a lone client's request finds the
+  process idle and its caches cold, as the gap makes them). The handler's time includes the model run: on the
   event loop itself when the run is predicted tiny (--inline-max-us), otherwise handed to onnxruntime's
   thread and back, a thread wake-up each way.
 - Throughput against the echo (upper bound), when the echo run already kept every core busy (CPU columns
@@ -225,4 +230,9 @@ NOTES = """## How to read this
   in its Cython layer (the echo pays it too), 10 % epoll, about a quarter our Python (checks, one-hot,
   batcher, the model run itself about 9 %, response bytes, metrics); for 1024-word requests the model run
   and the response bytes dominate.
+- At concurrency 1 the process sleeps between requests and each request runs with cold caches: see the
+  handler rows with an idle gap, which cost a multiple of the same handler back to back. onnxruntime's own
+  run is part of that (while developing, 2026-12-07, not in this run: a bare 1-word session.run cost 24 us
+  of CPU back to back and about 62 us after a 0.5 ms sleep, 32 words about 100 and 128 us); the rest is our
+  Python's. This, not any wait, is what the concurrency-1 latency pays beyond the echo's round trip.
 """
