@@ -241,7 +241,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="largest merged batch in words (env CHARRNN_MAX_BATCH_WORDS)")
     add("--max-queue-delay-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_DELAY_MS", DEFAULTS.max_queue_delay_ms),
         help="how long a non-full batch may wait for more requests once traffic is evidently concurrent (a lone "
-             "request never waits: a tiny one on an idle model runs at once); 0 never waits "
+             "request never waits: a tiny one on an idle model runs at once, with --inline-max-us above 0); 0 never waits "
              "(env CHARRNN_MAX_QUEUE_DELAY_MS)")
     add("--max-queue-gap-ms", type=float, default=_env(env, "CHARRNN_MAX_QUEUE_GAP_MS", DEFAULTS.max_queue_gap_ms),
         help="a waiting batch runs once no request has joined it for this long, before --max-queue-delay-ms if "

@@ -645,6 +645,89 @@ def test_while_a_caller_waits_for_a_queued_batch_an_idle_model_still_takes_the_q
     assert seen == [False], "answered at once while another caller still waited for its queued batch"
 
 
+def test_for_max_delay_after_evident_concurrency_an_idle_model_queues_then_answers_at_once_again(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    """Two callers in one turn make concurrency evident: for max_delay afterwards requests take the queue even
+    on an idle model (a burst keeps merging), and once that has passed a lone request is answered at once."""
+    model = runtimes["rnn"]
+    batcher = Batcher(model, batch_settings(max_delay_s=0.3, max_gap_s=0.01), predictor=_fast_predictor())
+
+    async def scenario() -> list[bool]:
+        batcher.start()
+        await asyncio.gather(start_submit(batcher, model, ["he"]), start_submit(batcher, model, ["lo"]))
+        answered = [_answered_inside_submit(batcher, model, ["o"])]  # idle again, but within max_delay
+        await asyncio.sleep(0.35)
+        answered.append(_answered_inside_submit(batcher, model, ["o"]))
+        await batcher.close()
+        return answered
+
+    assert asyncio.run(scenario()) == [False, True]
+
+
+def test_another_callers_request_in_the_turn_of_a_run_at_once_waits_for_company(
+    runtimes: dict[str, ModelRuntime],
+) -> None:
+    """The held slot exempts only its own caller: another task's request handed over in that turn is evidence
+    of concurrent traffic and waits for company (here until the 50 ms gap ends it)."""
+    model = runtimes["rnn"]
+    batcher = Batcher(model, batch_settings(max_delay_s=0.2, max_gap_s=0.05), predictor=_fast_predictor())
+
+    async def timed(words: list[str]) -> float:
+        started = time.perf_counter()
+        await batcher.submit(model.alphabet.indices(words), model.zero_state(len(words)), None)
+        return time.perf_counter() - started
+
+    async def scenario() -> tuple[float, float]:
+        batcher.start()
+        first, second = await asyncio.gather(timed(["he"]), timed(["lo"]))
+        await batcher.close()
+        return first, second
+
+    _, second = asyncio.run(scenario())
+    assert second >= 0.04, f"the other caller's request ran after {second * 1000:.1f} ms without waiting for company"
+
+
+@pytest.mark.parametrize("how", ["cancelled", "failed"])
+def test_a_queued_caller_that_gave_up_or_failed_does_not_keep_the_model_off_the_at_once_path(
+    runtimes: dict[str, ModelRuntime], how: str
+) -> None:
+    """Callers waiting for a queued batch keep requests in the queue; one that was cancelled, or whose run
+    failed, stops counting, so the idle model answers at once again."""
+    model: ModelRuntime = GatedRuntime(runtimes["lstm"].folder) if how == "cancelled" else PoisonedRuntime(
+        runtimes["lstm"].folder, "cpu"
+    )
+    predictor = RunPredictor(max_s=1.0)  # nothing known yet: the first runs go to onnxruntime's thread
+
+    async def scenario() -> bool:
+        batcher = Batcher(model, batch_settings(max_delay_s=0.05), predictor=predictor)
+        batcher.start()
+        if isinstance(model, GatedRuntime):
+            first = start_submit(batcher, model, ["hel"])
+            await _until(model.entered)
+            behind = start_submit(batcher, model, ["lo"])  # queued while the model is busy
+            await asyncio.sleep(0.01)
+            behind.cancel()
+            await asyncio.gather(behind, return_exceptions=True)
+            model.gate.set()
+            await asyncio.wait_for(first, 30)
+        else:
+            outcome = await asyncio.gather(start_submit(batcher, model, ["h" * POISON_LENGTH]), return_exceptions=True)
+            assert poisoned(outcome[0]), outcome
+        predictor.observe(RunPredictor.key(1, 1), 1e-6, inline=True)  # from now on, small runs are tiny
+        await asyncio.sleep(0.06)  # past max_delay: the concurrency that queued requests is no longer evident
+        try:
+            return _answered_inside_submit(batcher, model, ["o"])
+        finally:
+            await batcher.close()
+
+    try:
+        assert asyncio.run(scenario()), f"a {how} caller still counted as waiting: the idle model queued the request"
+    finally:
+        if isinstance(model, GatedRuntime):
+            model.gate.set()
+
+
 def test_with_a_max_delay_requests_of_other_callers_in_a_run_at_once_turn_wait_and_ride_together(
     runtimes: dict[str, ModelRuntime],
 ) -> None:

@@ -151,6 +151,7 @@ def test_encode_and_one_hot_match_naive_reference(letters: str, seed: int) -> No
     encoded = alphabet.indices(words)
     assert encoded.lengths.dtype == np.int32
     assert encoded.lengths.tolist() == [len(word) for word in words]
+    assert encoded.longest == max(len(word) for word in words)
     assert encoded.indices.tolist() == [letters.index(char) for word in words for char in word]
     batch = one_hot_batch(encoded, len(letters))
     assert batch.dtype == np.float32

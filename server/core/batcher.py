@@ -3,19 +3,21 @@
 Event-driven, with no worker task. A request is answered by one of two paths:
 
 - At once, inside submit(), when the model is idle (nothing queued, nothing running, no caller still
-  waiting for a queued batch's outcome) and the RunPredictor (server/core/inline.py) knows the run to be
-  tiny: one run of its own on the event loop, with no future, so the caller resumes without an extra
-  event-loop turn. grpc.aio hands requests to the loop one per turn (its server accepts one call at a
-  time), so an idle model has no company to wait for anyway, max_delay or not (a queued lone request would
-  run at once too, one future and two loop turns later). The run's slot stays taken until the loop's next
-  iteration, so requests handed over in the same turn (a stream's, an in-process caller's, other
-  connections') queue behind it and, with a max_delay, wait for company. A caller still waiting for a
-  queued batch is evidence of concurrent traffic: then a request takes the queue, as under load; a slot
-  held by the same caller's previous request is not (a lone in-process caller never waits). Measured
-  against the queue for every request with a delay (peer rig's client, 2 cores, the server's defaults,
-  3 x 6 s per cell, alternated, 2026-12-07): concurrency 1 p50 -3 to -4 % at 1 word (0.74 -> 0.71 ms) and
-  -2 to -8 % at 32 words, server CPU per request -2 to -10 %; concurrency 64 (1 word) -2 to +4 %
-  requests/s, at 1.5-1.7 instead of 2.1-2.2 words per run.
+  waiting for a queued batch's outcome), traffic is not evidently concurrent, and the RunPredictor
+  (server/core/inline.py) knows the run to be tiny: one run of its own on the event loop, with no future, so
+  the caller resumes without an extra event-loop turn. grpc.aio hands requests to the loop one per turn (its
+  server accepts one call at a time), so such a request has no company to wait for, max_delay or not (queued,
+  it would run at once too, one future and two loop turns later). The run's slot stays taken until the
+  loop's next iteration, so other callers' requests handed over in that turn (other connections', a
+  stream's) queue behind it and, with a max_delay, wait for company; the same caller's next request (an
+  in-process caller's) does not count as company. Evidence of concurrent traffic (a request that found
+  others queued or running, or callers waiting for a queued batch) sends every request to the queue for
+  max_delay after the last such sign, so a burst or sustained load keeps merging rather than running one
+  request per loop turn. Measured against the previous rule (the queue for every request with a delay; rig
+  client, 2 cores, the server's defaults, alternated, 2026-12-07; first 3 x 6 s pairs without the
+  max_delay hold, then 2 pairs with it): concurrency 1 p50 0.73-0.82 -> 0.71-0.74 ms at 1 word and
+  0.84-0.90 -> 0.82 at 32 words; concurrency 8 +7 to +11 % requests/s at 1 word; concurrency 64 within
+  noise (-5 to +14 %), at 1.5 instead of 2.0-2.2 words per run at 1 word and 54-57 instead of 70-76 at 32.
   A delay (the server's default is 5 ms) asks for merging at the price of waiting, and gets the queue
   whenever traffic is concurrent. Under load merging wins: a one-word run costs 17 us in a tight loop but
   about 50 us between gRPC's calls (caches), so with 64 callers a batch of a few words saves more than its
@@ -100,7 +102,8 @@ class _Pending:
     future: asyncio.Future[tuple[RunOutputs, RunStats]]
     enqueued: float
     behind: bool
-    """Arrived while the model was busy (runs in flight or others queued): evidence of concurrent traffic."""
+    """Arrived while the model was busy (runs in flight or others queued): evidence of concurrent traffic. A slot
+    held only by the same caller's previous request, run at once, does not count (Batcher.submit)."""
 
     @property
     def words(self) -> int:
@@ -197,6 +200,9 @@ class Batcher:
         self._running = 0  # batches started and not yet finished (a run done at once counts until released)
         self._waiting_callers = 0
         """Callers of submit() suspended on a queued batch's future (answered or not): concurrent traffic."""
+        self._concurrent_until = 0.0
+        """loop.time() until which traffic counts as concurrent: max_delay past the last request that found
+        company (others queued or running, or callers waiting); until then even an idle model queues requests."""
         self._held_by: asyncio.Task[object] | None = None
         """The task whose run done at once holds a slot until the loop's next iteration (None: no such slot)."""
         self._timer: asyncio.TimerHandle | None = None
@@ -240,7 +246,9 @@ class Batcher:
                 f"model {self.model.name!r} is overloaded: {self._queued_words} words queued "
                 f"(limit {self.settings.max_queue_words}); retry later"
             )
-        if self._at_once and not self._queue and not self._running and not self._waiting_callers:
+        now = loop.time()
+        if (self._at_once and not self._queue and not self._running and not self._waiting_callers
+                and now >= self._concurrent_until):
             assert self._predictor is not None
             answered = _answered_now(self.model, self._predictor, self._observer, (letters, h0, c0))
             if answered is not None:
@@ -255,7 +263,9 @@ class Batcher:
         held_by = self._held_by
         if held_by is not None and not self._queue and self._running == 1 and held_by is asyncio.current_task(loop):
             busy = False  # the only slot taken is held by this caller's own previous request: no company
-        self._last_arrival = now = loop.time()
+        if busy or self._waiting_callers:
+            self._concurrent_until = now + self.settings.max_delay_s
+        self._last_arrival = now
         self._queue.append(_Pending(letters, h0, c0, future, now, busy))
         self._queued_words += words
         self._dispatch()
