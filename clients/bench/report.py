@@ -79,8 +79,9 @@ def render(report: Report, checks: list[Check]) -> str:
         f"`CharRnnService.Encode` called directly by that many coroutines ({MAIN_MODEL}, the servers' batch "
         "settings): request checks, one-hot, batcher, the run (at once on the loop when the model is idle and the run "
         "known tiny, else queued), response bytes, metrics; no transport. CPU is this process's, all threads; per "
-        "request, what serving adds to a call. Rows with an idle gap: one caller that sleeps that long after each "
-        "request, as a lone gRPC client's next request comes a round trip later; their CPU is net of what the "
+        "request, what serving adds to a call. Rows with an idle gap: one caller that sleeps after each request "
+        "(the gap measured: asyncio wakes on whole milliseconds), as a lone gRPC client's next request comes a "
+        "round trip later; their CPU is net of what the "
         "sleeps alone cost (the same loop without requests, measured first), and their wall time is inside the "
         "handler. The difference to the back-to-back row is what cold caches add to a request at concurrency 1.",
         "",
@@ -233,6 +234,6 @@ NOTES = """## How to read this
 - At concurrency 1 the process sleeps between requests and each request runs with cold caches: see the
   handler rows with an idle gap, which cost a multiple of the same handler back to back. onnxruntime's own
   run is part of that (while developing, 2026-12-07, not in this run: a bare 1-word session.run cost 24 us
-  of CPU back to back and about 62 us after a 0.5 ms sleep, 32 words about 100 and 128 us); the rest is our
+  of CPU back to back and about 62 us after a 1 ms sleep, 32 words about 100 and 128 us); the rest is our
   Python's. This, not any wait, is what the concurrency-1 latency pays beyond the echo's round trip.
 """
