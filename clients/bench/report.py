@@ -89,7 +89,8 @@ def render(report: Report, checks: list[Check]) -> str:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report.handler:
-        lines.append(f"| {row['concurrency']} | {row['words']} | {row.get('idle_gap_ms', 0.0):g} | "
+        gap = row.get("idle_gap_ms", 0.0)
+        lines.append(f"| {row['concurrency']} | {row['words']} | {f'{gap:.2f}' if gap else '0'} | "
                      f"{row['requests_per_s']:,.0f} | {row['cpu_us_per_request']:.0f} | "
                      f"{row['wall_us_per_request']:.0f} |")
     lines += [
