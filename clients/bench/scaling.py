@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 SECTIONS = {
@@ -201,6 +201,28 @@ def model_run_us(inproc: dict[str, object] | None, words: int) -> float | None:
     return None
 
 
+def _cell(run: dict[str, object], words: int, concurrency: int) -> dict[str, object] | None:
+    """A run's cell of that shape, or None."""
+    for item in run.get("cells", []):  # type: ignore[union-attr]
+        if item.get("batch_words") == words and item.get("concurrency") == concurrency:  # type: ignore[union-attr]
+            return item  # type: ignore[return-value]
+    return None
+
+
+def _server_us(item: dict[str, object] | None) -> float:
+    """Server CPU us per request of a cell (nan without one)."""
+    if item is None or not item.get("infer_per_s"):
+        return float("nan")
+    return float(item["server_cpu_pct"]) / 100.0 / float(item["infer_per_s"]) * 1e6  # type: ignore[arg-type]
+
+
+def _client_us(item: dict[str, object] | None) -> float:
+    """Load-generator CPU us per request of a cell (nan without one)."""
+    if item is None or not item.get("infer_per_s") or item.get("client_cpu_pct") is None:
+        return float("nan")
+    return float(item["client_cpu_pct"]) / 100.0 / float(item["infer_per_s"]) * 1e6  # type: ignore[arg-type]
+
+
 def render_peers(results: Path, rig_command: str, note: str) -> str:
     """The peers section, from the rig's JSON files (grpc-echo, ours, torchserve; -run2 repeats too; ort_inproc
     for the model floors)."""
@@ -212,22 +234,6 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
     titles = {"grpc-echo": "bare grpc.aio echo (no model)", "grpc-echo-run2": "echo, repeat", "ours": "**ours**",
               "ours-run2": "ours, repeat", "torchserve": "TorchServe"}
     titles.update({name: f"ours, variant `{name[len('ours-'):]}`" for name in variants})  # TAG=-<variant> runs
-
-    def cell(run: dict[str, object], words: int, concurrency: int) -> dict[str, object] | None:
-        for item in run.get("cells", []):  # type: ignore[union-attr]
-            if item.get("batch_words") == words and item.get("concurrency") == concurrency:  # type: ignore[union-attr]
-                return item  # type: ignore[return-value]
-        return None
-
-    def us_per_request(item: dict[str, object] | None) -> float:
-        if item is None or not item.get("infer_per_s"):
-            return float("nan")
-        return float(item["server_cpu_pct"]) / 100.0 / float(item["infer_per_s"]) * 1e6  # type: ignore[arg-type]
-
-    def client_us_per_request(item: dict[str, object] | None) -> float:
-        if item is None or not item.get("infer_per_s") or item.get("client_cpu_pct") is None:
-            return float("nan")
-        return float(item["client_cpu_pct"]) / 100.0 / float(item["infer_per_s"]) * 1e6  # type: ignore[arg-type]
 
     windows = ", ".join(f"{name} {runs[name].get('started', '?')} - {runs[name].get('finished', '?')}" for name in order)
     header = " | ".join(f"{w} w, c{c}" for w, c in PEER_CELLS)
@@ -248,19 +254,19 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
         run = runs[name]
         values = []
         for words, concurrency in PEER_CELLS:
-            item = cell(run, words, concurrency)
+            item = _cell(run, words, concurrency)
             values.append("-" if item is None else f"{float(item['words_per_s']):,.0f} ({float(item['p99_ms']):.1f})")  # type: ignore[arg-type]
         lines.append(f"| {titles[name]} | " + " | ".join(values) + f" | {run.get('idle_rss_mib', '-')} ({run.get('idle_nprocs', '-')}) |")
     lines += ["", "Server CPU per request (server CPU % / requests/s), us:", "", f"| server | {header} |",
               "|---|" + "---:|" * len(PEER_CELLS)]
     for name in order:
         lines.append(f"| {titles[name]} | " + " | ".join(
-            f"{us_per_request(cell(runs[name], w, c)):,.0f}" for w, c in PEER_CELLS) + " |")
+            f"{_server_us(_cell(runs[name], w, c)):,.0f}" for w, c in PEER_CELLS) + " |")
     lines += ["", "Load generator CPU per request (client CPU % / requests/s), us: the other share of the same 2 CPUs:", "",
               f"| server | {header} |", "|---|" + "---:|" * len(PEER_CELLS)]
     for name in order:
         lines.append(f"| {titles[name]} | " + " | ".join(
-            f"{client_us_per_request(cell(runs[name], w, c)):,.0f}" for w, c in PEER_CELLS) + " |")
+            f"{_client_us(_cell(runs[name], w, c)):,.0f}" for w, c in PEER_CELLS) + " |")
     if "ours" in runs:
         lines += ["", "Ratios per cell (ours first pass):", "", f"| ratio | {header} |", "|---|" + "---:|" * len(PEER_CELLS)]
         for other, label in (("torchserve", "ours / TorchServe, words/s (target >= 1.0)"),
@@ -269,31 +275,31 @@ def render_peers(results: Path, rig_command: str, note: str) -> str:
                 continue
             ratios = []
             for words, concurrency in PEER_CELLS:
-                mine, theirs = cell(runs["ours"], words, concurrency), cell(runs[other], words, concurrency)
+                mine, theirs = _cell(runs["ours"], words, concurrency), _cell(runs[other], words, concurrency)
                 if mine is None or theirs is None:
                     ratios.append("-")
                 elif other == "torchserve":
                     ratios.append(f"{float(mine['words_per_s']) / float(theirs['words_per_s']):.2f}")  # type: ignore[arg-type]
                 else:
-                    ratios.append(f"{us_per_request(mine) / us_per_request(theirs):.2f}")
+                    ratios.append(f"{_server_us(mine) / _server_us(theirs):.2f}")
             lines.append(f"| {label} | " + " | ".join(ratios) + " |")
         merged = []
         for words, concurrency in PEER_CELLS:
-            item = cell(runs["ours"], words, concurrency)
+            item = _cell(runs["ours"], words, concurrency)
             merged.append("-" if item is None or item.get("words_per_ort_call") is None else f"{float(item['words_per_ort_call']):.1f}")  # type: ignore[arg-type]
         if "grpc-echo" in runs and "torchserve" in runs:
             # With a server as cheap as the echo (which runs no model), ours could do at most this (_c64_ratio).
             bounds = []
             for words, concurrency in PEER_CELLS:
-                mine, echo, theirs = (cell(runs[n], words, concurrency) for n in ("ours", "grpc-echo", "torchserve"))
+                mine, echo, theirs = (_cell(runs[n], words, concurrency) for n in ("ours", "grpc-echo", "torchserve"))
                 if concurrency < 64 or mine is None or echo is None or theirs is None:
                     bounds.append("-")
                     continue
-                bounds.append(_c64_ratio(us_per_request(echo) + client_us_per_request(mine), words, theirs))
+                bounds.append(_c64_ratio(_server_us(echo) + _client_us(mine), words, theirs))
             lines.append("| bound at concurrency 64, ours / TorchServe, were our server CPU per request the echo's: "
                          f"{CPUS} CPUs / (echo server + our client us per request) | " + " | ".join(bounds) + " |")
             if inproc is not None:
-                lines += _model_floors(inproc, lambda n, w, c: cell(runs[n], w, c), us_per_request, client_us_per_request)
+                lines += _model_floors(inproc, runs)
         lines.append("| ours: words per onnxruntime run (charrnn_batch_words) | " + " | ".join(merged) + " |")
     lines += ["", end]
     return "\n".join(lines) + "\n"
@@ -306,29 +312,23 @@ def _c64_ratio(box_us_per_request: float, words: int, theirs: dict[str, object])
     return f"{ceiling / float(theirs['words_per_s']):.2f}"  # type: ignore[arg-type]
 
 
-def _model_floors(
-    inproc: dict[str, object],
-    cell: Callable[[str, int, int], dict[str, object] | None],
-    server_us: Callable[[dict[str, object] | None], float],
-    client_us: Callable[[dict[str, object] | None], float],
-) -> list[str]:
+def _model_floors(inproc: dict[str, object], runs: dict[str, dict[str, object]]) -> list[str]:
     """Two rows of floors for a server that is the echo plus the model's own run (the least any server running
     this model in its own process can cost): its CPU against the echo's, and at concurrency 64 its words/s
     against TorchServe's."""
     cpu_floors, bounds = [], []
     for words, concurrency in PEER_CELLS:
         model_us = model_run_us(inproc, words)
-        echo, mine, theirs = cell("grpc-echo", words, concurrency), cell("ours", words, concurrency), cell(
-            "torchserve", words, concurrency)
+        echo, mine, theirs = (_cell(runs[name], words, concurrency) for name in ("grpc-echo", "ours", "torchserve"))
         if model_us is None or echo is None:
             cpu_floors.append("-")
             bounds.append("-")
             continue
-        cpu_floors.append(f"{1 + model_us / server_us(echo):.2f}")
+        cpu_floors.append(f"{1 + model_us / _server_us(echo):.2f}")
         if concurrency < 64 or mine is None or theirs is None:
             bounds.append("-")
             continue
-        bounds.append(_c64_ratio(server_us(echo) + model_us + client_us(mine), words, theirs))
+        bounds.append(_c64_ratio(_server_us(echo) + model_us + _client_us(mine), words, theirs))
     return [
         "| floor of ours / echo, server CPU per request, for any server running the model: 1 + the model's own run "
         "(ort_inproc, 1 thread) / echo us per request | " + " | ".join(cpu_floors) + " |",
