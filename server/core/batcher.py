@@ -193,8 +193,6 @@ class Batcher:
         self._observer = observer
         self._predictor = predictor
         """Decides which runs go inline (server/core/inline.py); None: every run on onnxruntime's thread."""
-        self._at_once = predictor is not None
-        """Tiny requests on an idle model are run at once (see the module doc)."""
         self._queue: deque[_Pending] = deque()
         self._queued_words = 0
         self._running = 0  # batches started and not yet finished (a run done at once counts until released)
@@ -247,10 +245,10 @@ class Batcher:
                 f"(limit {self.settings.max_queue_words}); retry later"
             )
         now = loop.time()
-        if (self._at_once and not self._queue and not self._running and not self._waiting_callers
+        predictor = self._predictor  # tiny requests on an idle model run at once (see the module doc)
+        if (predictor is not None and not self._queue and not self._running and not self._waiting_callers
                 and now >= self._concurrent_until):
-            assert self._predictor is not None
-            answered = _answered_now(self.model, self._predictor, self._observer, (letters, h0, c0))
+            answered = _answered_now(self.model, predictor, self._observer, (letters, h0, c0))
             if answered is not None:
                 # Its run slot stays taken until the loop's next iteration: requests handed over in this same
                 # turn (an asyncio client's, a stream's) queue behind it and then ride one run together.
