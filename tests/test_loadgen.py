@@ -138,3 +138,27 @@ def test_echo_server_answers_with_the_payload_size_asked_for(tmp_path: Path, sta
             assert report.requests == 60 and report.errors == {} and report.response_bytes == 1234
     finally:
         assert echo.stop() == 0, echo.log()
+
+
+def test_the_model_floor_runs_the_model_and_answers_like_the_echo(model_repository: Path, tmp_path: Path) -> None:
+    port_file = tmp_path / "floor.json"
+    command = [sys.executable, "-m", "clients.bench.echo", "--port-file", str(port_file),
+               "--run-model", str(model_repository / "lstm" / "1")]
+    floor = spawn("floor", command, port_file, tmp_path / "floor.log", timeout=60)
+    try:
+        report = run_load(LoadConfig(floor.target, "lstm", concurrency=3, words_per_request=4, requests=60,
+                                     warmup_s=0, echo=True, echo_response_bytes=321))
+        assert report.requests == 60 and report.errors == {} and report.response_bytes == 321
+    finally:
+        assert floor.stop() == 0, floor.log()
+    assert "model floor: 60 runs" in floor.log()
+
+
+def test_the_model_floor_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "clients.bench.echo", "--run-model", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 1
+    assert f"--run-model {tmp_path}: not a loadable model version folder" in completed.stderr
+    assert "Traceback" not in completed.stderr

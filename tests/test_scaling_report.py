@@ -86,3 +86,37 @@ def test_sections_are_replaced_in_place_and_survive_the_benchmark_rewrite() -> N
     assert scaling.section_of(replaced, "workers") == f"{begin}\nnew\n{end}\n"
     assert scaling.section_of(replaced, "peers") is None
     assert scaling.with_section("# P\n", "peers", "X\n") == "# P\n\nX\n"
+
+
+def floor_rows() -> list[dict[str, object]]:
+    costs = {"echo": 300.0, "floor": 390.0, "ours": 600.0}
+    return [
+        {"repeat": r, "server": name, "words": words, "concurrency": c, "response_bytes": 100 * words,
+         "words_per_s": 1e6 / costs[name] * words + r, "requests_per_s": 1e6 / costs[name], "p99_ms": 5.0,
+         "errors": {"UNAVAILABLE": 1} if (name, r, words, c) == ("ours", 1, 1, 1) else {},
+         "server_cpu": 1.0, "client_cpu": 0.4, "server_us_per_request": costs[name] + 10 * r,
+         "client_us_per_request": 200.0}
+        for r in range(2) for name in scaling.FLOOR_SERVERS for words, c in scaling.PEER_CELLS
+    ]
+
+
+def test_the_floors_table_states_each_servers_cost_and_the_ratios_to_the_echo_and_the_model_floor() -> None:
+    section = scaling.render_floors(floor_rows(), "python -m clients.bench.scaling floors", "2026-12-07 11:00", 2, 5.0,
+                                    (1.0, 1.0, 1.0))
+    begin, end = scaling.SECTIONS["floors"]
+    assert section.startswith(begin) and section.rstrip().endswith(end)
+    assert "`python -m clients.bench.scaling floors` on 2026-12-07 11:00 UTC" in section
+    assert "| echo (transport only) | 305 | 305 | 305 | 305 | 305 | 305 |" in section  # medians of 300 and 310
+    assert "| **ours** (charrnn-server, defaults) | 605 | 605 |" in section
+    assert "(target for ours <= 1.3) | 1.30 | 1.30 |" in section  # 395 / 305
+    assert "| ours / echo, server CPU per request | 1.98 |" in section  # 605 / 305
+    assert "| ours / model floor, server CPU per request | 1.53 |" in section  # 605 / 395
+    assert "| ours / model floor, words/s | 0.65 |" in section  # (1667 + 0.5) / (2564 + 0.5)
+    assert "Errors: 1." in section
+
+
+def test_the_floors_section_is_kept_like_the_others() -> None:
+    begin, end = scaling.SECTIONS["floors"]
+    document = scaling.with_section("# Performance\n", "floors", f"{begin}\nfloors\n{end}\n")
+    assert scaling.section_of(document, "floors") == f"{begin}\nfloors\n{end}\n"
+    assert scaling.section_of(document, "workers") is None

@@ -1,8 +1,10 @@
-"""Benchmarks: the performance report (benchmark), the memory soak (soak) and the transport baseline (echo).
+"""Benchmarks: the performance report (benchmark), the memory soak (soak), the transport baseline and the model
+floor (echo), and the workers, floors and peer-rig sections (scaling).
 
     python -m clients.bench.benchmark [--quick] --out docs/performance.md [--json FILE]
     python -m clients.bench.soak --duration 300 --out docs/soak.md
-    python -m clients.bench.echo --port-file FILE          (also: charrnn-loadgen --serve-echo)
+    python -m clients.bench.echo --port-file FILE [--run-model FOLDER]   (also: charrnn-loadgen --serve-echo)
+    python -m clients.bench.scaling workers|floors|peers
 
 Modules: plan (what a run measures; the cell and report records), environment (the machine, the models
 measured), inprocess (onnxruntime and our handler without gRPC), servers (server processes, their memory and

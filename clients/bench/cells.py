@@ -67,9 +67,9 @@ def _load(target: str, model: str, concurrency: int, words: int, plan: Plan, str
     )
 
 
-def response_bytes(server: ServerProcess, model: str, words: int) -> int:
+def response_bytes(server: ServerProcess, model: str, words: int, word_length: int = WORD_LENGTH) -> int:
     """Size of the server's response to the load generator's first request of that shape."""
-    request = build_request_pool(model, fetch_alphabet(server.target, model), words, WORD_LENGTH)[0]
+    request = build_request_pool(model, fetch_alphabet(server.target, model), words, word_length)[0]
     with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
         data: bytes = channel.unary_unary(ENCODE_METHOD)(request, timeout=120)
     return len(data)

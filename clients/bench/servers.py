@@ -45,11 +45,14 @@ def start_server(
     return server
 
 
-def start_echo(folder: Path) -> ServerProcess:
-    """The echo service of clients.bench.echo (the transport baseline)."""
-    port_file = folder / "echo.ports.json"
+def start_echo(folder: Path, model: Path | None = None, name: str = "echo") -> ServerProcess:
+    """The echo service of clients.bench.echo (the transport baseline); with `model` (a version folder), the
+    model floor: the echo plus one run of that model per request."""
+    port_file = folder / f"{name}.ports.json"
     command = [sys.executable, "-m", "clients.bench.echo", "--port-file", str(port_file)]
-    return spawn("echo", command, port_file, folder / "echo.log", timeout=120.0)
+    if model is not None:
+        command += ["--run-model", str(model)]
+    return spawn(name, command, port_file, folder / f"{name}.log", timeout=120.0)
 
 
 def providers_of(server: ServerProcess) -> dict[str, str]:

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientSecurityError as error:
         parser.error(str(error))
     if args.serve_echo:
-        echo.run(args.listen, args.port_file)
+        echo.run(args.listen, args.port_file, args.run_model)
         return 0
     config = LoadConfig(
         target=args.target,
