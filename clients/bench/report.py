@@ -235,6 +235,7 @@ NOTES = """## How to read this
 - At concurrency 1 the process sleeps between requests and each request runs with cold caches: see the
   handler rows with an idle gap, which cost a multiple of the same handler back to back. onnxruntime's own
   run is part of that (while developing, 2026-12-07, not in this run: a bare 1-word session.run cost 24 us
-  of CPU back to back and about 62 us after a 1 ms sleep, 32 words about 100 and 128 us); the rest is our
-  Python's. This, not any wait, is what the concurrency-1 latency pays beyond the echo's round trip.
+  of CPU back to back and about 62 us after a 1 ms sleep, 32 words about 100 and 128 us; between gRPC's
+  calls, the section "Floors" measures it at 80-180 us); the rest is our Python's. This, not any wait, is
+  what the concurrency-1 latency pays beyond the echo's round trip.
 """

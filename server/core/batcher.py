@@ -19,9 +19,9 @@ Event-driven, with no worker task. A request is answered by one of two paths:
   0.84-0.90 -> 0.82 at 32 words; concurrency 8 +7 to +11 % requests/s at 1 word; concurrency 64 within
   noise (-5 to +14 %), at 1.5 instead of 2.0-2.2 words per run at 1 word and 54-57 instead of 70-76 at 32.
   A delay (the server's default is 5 ms) asks for merging at the price of waiting, and gets the queue
-  whenever traffic is concurrent. Under load merging wins: a one-word run costs 17 us in a tight loop but
-  about 50 us between gRPC's calls (caches), so with 64 callers a batch of a few words saves more than its
-  queue turns cost.
+  whenever traffic is concurrent. Under load merging wins: a one-word run costs 17-24 us in a tight loop but
+  80-90 us of server CPU between gRPC's calls (caches; docs/performance.md, "Floors"), so with 64 callers a
+  batch of a few words saves more than its queue turns cost.
 - Queued otherwise: a batch is handed to onnxruntime the moment a run slot is free, from submit(), from a
   run's completion (the slot is handed to the queue before the finished batch's results are split) or from
   the max-delay timer. Requests that arrive while the model is busy (a run on onnxruntime's thread) ride
