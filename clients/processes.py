@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +57,25 @@ def spawn(
     log_path: Path,
     timeout: float = 60.0,
     env: Mapping[str, str] | None = None,
+    cpus: Collection[int] | None = None,
 ) -> ServerProcess:
     """Start `command` (which writes its ports to port_file once serving), output to log_path; wait for the file.
+    `cpus`: the CPUs it may run on (its affinity, set before it starts, so that what it forks inherits it and
+    what reads its usable cores, `--workers auto`, sees them); None: this process's.
     Raises RuntimeError if the process exits first, TimeoutError (after killing it) if it takes too long."""
+    own_cpus = os.sched_getaffinity(0)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            list(command), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        # The child inherits the affinity of the thread that forks it: this one's, pinned for the moment (no
+        # preexec_fn, which is unsafe in a process with threads).
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        try:
+            process = subprocess.Popen(
+                list(command), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        finally:
+            if cpus is not None:
+                os.sched_setaffinity(0, own_cpus)
     deadline = time.monotonic() + timeout
     while not port_file.exists() or not port_file.read_text():
         if process.poll() is not None:

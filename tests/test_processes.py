@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,3 +37,24 @@ def test_ports_are_read_and_stop_returns_the_exit_status(tmp_path: Path) -> None
     server = spawn("ok", [sys.executable, "-c", script], port_file, tmp_path / "ok.log", timeout=30)
     assert (server.target, server.metrics_port) == ("127.0.0.1:4321", 9876)
     assert server.stop() == 0
+
+
+def test_a_pinned_process_and_what_it_starts_run_on_the_cpus_asked_for_and_ours_stay_as_they_were(
+    tmp_path: Path,
+) -> None:
+    ours = os.sched_getaffinity(0)
+    cpu = max(ours)
+    port_file = tmp_path / "ports.json"
+    script = (
+        "import json, os, pathlib, subprocess, sys\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'],\n"
+        "                       capture_output=True, text=True).stdout.strip()\n"
+        f"pathlib.Path({str(port_file)!r}).write_text(json.dumps(\n"
+        "    {'port': 1, 'own': sorted(os.sched_getaffinity(0)), 'child': child}))\n"
+    )
+    server = spawn("pinned", [sys.executable, "-c", script], port_file, tmp_path / "pinned.log", timeout=30,
+                   cpus={cpu})
+    server.process.wait(30)
+    seen = json.loads(port_file.read_text())
+    assert seen["own"] == [cpu] and seen["child"] == f"[{cpu}]"
+    assert os.sched_getaffinity(0) == ours

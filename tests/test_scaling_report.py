@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,9 +75,46 @@ def test_the_workers_table_takes_medians_and_ratios() -> None:
          "server_us_per_request": 900.0, "client_us_per_request": 400.0}
         for r in range(2) for w in (1, 2) for words, c in scaling.CELLS
     ]
-    section = scaling.render_workers(rows, "python -m clients.bench.scaling workers", "2026-12-04 20:00", 2, 5.0, (1.0, 1.0, 1.0))
+    plan = scaling.MeasurePlan((1, 2), repeats=2, duration_s=5.0)
+    section = scaling.render_workers(rows, plan, "python -m clients.bench.scaling workers", "2026-12-04 20:00",
+                                     (1.0, 1.0, 1.0))
     assert "| 2 | 1 | 64 | 2,000 [2,000-2,001] | 5.0 | 90 | 900 | 400 | - |" in section
     assert "| 2 | 2.00 | 2.00 | 2.00 | 2.00 |" in section
+    assert "the load generator shares the cores with the server" in section
+    assert "charrnn-loadgen in one process" in section
+    assert "Idle memory" not in section  # rows without it (older runs)
+
+
+def test_the_workers_section_says_where_server_and_load_generator_ran_and_which_provider_ran() -> None:
+    rows = [
+        {"repeat": 0, "workers": w, "words": words, "concurrency": c, "provider": "CUDAExecutionProvider",
+         "server_cpus": "0-7", "server_rss_mib": 100.0 * w, "gpu_memory_mib": 500.0 * w, "words_per_s": 1000.0, "requests_per_s": 1000.0, "p99_ms": 5.0, "errors": {},
+         "server_cpu": 0.9, "client_cpu": 0.4, "server_us_per_request": 900.0, "client_us_per_request": 400.0}
+        for w in (1, 8) for words, c in scaling.CELLS
+    ]
+    plan = scaling.MeasurePlan((1, 8), 1, 3.0, "auto", frozenset(range(8)), frozenset(range(8, 16)), 8)
+    section = scaling.render_workers(rows, plan, "python -m clients.bench.scaling workers", "2026-12-07 12:00",
+                                     (1.0, 1.0, 1.0))
+    assert ("the server pinned to CPUs 0-7, the load generator to CPUs 8-15 (cores of its own) "
+            "(the server's processes' affinity, read back: 0-7)") in section
+    assert "`--device auto --workers N`" in section and "execution provider CUDAExecutionProvider" in section
+    assert "charrnn-loadgen in 8 processes" in section
+    assert "| 8 | 800 | 100 | 4,000 |" in section  # idle memory: all processes, per worker, GPU
+    shared = scaling.MeasurePlan(server_cpus=frozenset({0}), client_cpus=frozenset({0, 1}))
+    assert shared.where() == "the server pinned to CPU 0, the load generator to CPUs 0-1 (shared)"
+
+
+def test_cpu_lists_are_read_as_taskset_writes_them_and_only_usable_cpus_are_taken() -> None:
+    usable = sorted(os.sched_getaffinity(0))
+    assert scaling.cpu_list(str(usable[0])) == frozenset({usable[0]})
+    assert scaling.cpu_list(",".join(map(str, usable))) == frozenset(usable)
+    if usable == list(range(usable[0], usable[-1] + 1)):  # contiguous, as on the CI machine
+        assert scaling.cpu_list(f"{usable[0]}-{usable[-1]}") == frozenset(usable)
+    assert scaling._cpus_text(frozenset({0, 1, 2, 5, 7, 8})) == "0-2,5,7-8"
+    with pytest.raises(argparse.ArgumentTypeError, match="not a CPU list"):
+        scaling.cpu_list("0-x")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"CPU 4096 not usable here \(usable: "):
+        scaling.cpu_list("4096")
 
 
 def test_sections_are_replaced_in_place_and_survive_the_benchmark_rewrite() -> None:
@@ -120,3 +159,20 @@ def test_the_floors_section_is_kept_like_the_others() -> None:
     document = scaling.with_section("# Performance\n", "floors", f"{begin}\nfloors\n{end}\n")
     assert scaling.section_of(document, "floors") == f"{begin}\nfloors\n{end}\n"
     assert scaling.section_of(document, "workers") is None
+
+
+def test_pinned_floors_say_where_they_ran_and_have_a_section_of_their_own_beside_the_rigs() -> None:
+    placement = scaling.MeasurePlan(server_cpus=frozenset({0}), client_cpus=frozenset({1}), client_processes=4)
+    rows = [{**row, "server_cpus": "0"} for row in floor_rows()]
+    section = scaling.render_floors(rows, "python -m clients.bench.scaling floors --server-cpus 0", "2026-12-07 12:00",
+                                    2, 5.0, (1.0, 1.0, 1.0), placement=placement)
+    begin, end = scaling.SECTIONS["floors-pinned"]
+    assert section.startswith(begin) and section.rstrip().endswith(end)
+    assert "ours, each server on cores of its own" in section
+    assert ("each server pinned to CPU 0, the load generator to CPU 1 (cores of its own) "
+            "(the server's processes' affinity, read back: 0)") in section
+    assert "charrnn-loadgen in 4 processes" in section
+    unpinned = scaling.render_floors(floor_rows(), "floors", "2026-12-07 12:00", 2, 5.0, (1.0, 1.0, 1.0))
+    assert "the load generator shares the cores with each server" in unpinned
+    document = scaling.with_section(scaling.with_section("# P\n", "floors", unpinned), "floors-pinned", section)
+    assert scaling.section_of(document, "floors") == unpinned and scaling.section_of(document, "floors-pinned") == section

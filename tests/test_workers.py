@@ -12,6 +12,7 @@ channels to the same target, and SO_REUSEPORT spreads connections, not requests.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -243,3 +244,25 @@ def test_workers_stop_when_the_supervisor_is_killed(model_repository: Path, tmp_
     _gone, alive = psutil.wait_procs(orphans, timeout=DEADLINE_S)
     assert not alive, f"workers still running: {[p.pid for p in alive]}"
     assert server.log().count("the supervisor (pid") == 2, server.log()
+
+
+def test_the_workers_benchmark_pins_server_and_load_generator_apart_and_counts_the_load_processes_cpu(
+    unit_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clients.bench.scaling workers as a lent 16-core machine runs it (--server-cpus/--client-cpus/
+    --client-processes), shrunk to one cell on this machine's CPUs."""
+    from clients.bench import scaling
+
+    ours = os.sched_getaffinity(0)
+    server_cpu, client_cpu = min(ours), max(ours)
+    monkeypatch.setattr(scaling, "CELLS", ((1, 8),))
+    plan = scaling.MeasurePlan((2,), 1, 0.5, "cpu", frozenset({server_cpu}), frozenset({client_cpu}), 2,
+                               unit_repository)
+    (row,) = scaling.measure_workers(plan)
+    assert row["provider"] == "CPUExecutionProvider"
+    assert row["server_cpus"] == str(server_cpu)  # the supervisor and both workers
+    assert 100 < float(row["server_rss_mib"]) < 1000, row  # supervisor + 2 workers, each ~80 MiB  # type: ignore[arg-type]
+    assert row["errors"] == {} and float(row["words_per_s"]) > 0  # type: ignore[arg-type]
+    # The parent only waits for its two load processes: without their CPU this would be a few percent.
+    assert float(row["client_cpu"]) > 0.2, row  # type: ignore[arg-type]
+    assert os.sched_getaffinity(0) == ours

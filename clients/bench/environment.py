@@ -56,6 +56,18 @@ def machine_info(device: str) -> dict[str, Any]:
     }
 
 
+def gpu_memory_used_mib() -> float | None:
+    """Memory in use on the first GPU (nvidia-smi), MiB; None where no nvidia-smi answers."""
+    try:
+        answer = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        )
+        return float(answer.stdout.split()[0]) if answer.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def export_repository(folder: Path) -> Path:
     """The built-in models and the large checkpoint LSTM, exported as charrnn-export would."""
     import torch  # the export extras; imported here so --help works without them

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,18 +26,20 @@ from proto.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
 
 def start_server(
-    name: str, repository: Path, folder: Path, device: str, batching: bool, extra: Sequence[str]
+    name: str, repository: Path, folder: Path, device: str, batching: bool, extra: Sequence[str],
+    cpus: Collection[int] | None = None,
 ) -> ServerProcess:
     """charrnn-server on a free port, waited for until its health service says SERVING. One process
     (--workers 1) unless `extra` says otherwise: the cells drive one connection per load-generator process, which
-    reaches one worker, and memory is sampled from the process started."""
+    reaches one worker, and memory is sampled from the process started. `cpus`: pinned to these (its workers
+    too); None: wherever this process may run."""
     port_file = folder / f"{name}.ports.json"
     command = [
         sys.executable, "-m", "server", "--repository", str(repository), "--address", "127.0.0.1", "--port", "0",
         "--metrics-port", "0", "--port-file", str(port_file), "--device", device, "--log-level", "WARNING",
         "--batching" if batching else "--no-batching", "--workers", "1", *extra,
     ]
-    server = spawn(name, command, port_file, folder / f"{name}.log", timeout=120.0)
+    server = spawn(name, command, port_file, folder / f"{name}.log", timeout=120.0, cpus=cpus)
     with grpc.insecure_channel(server.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=120)
     if status.status != health_pb2.HealthCheckResponse.SERVING:
@@ -45,14 +47,16 @@ def start_server(
     return server
 
 
-def start_echo(folder: Path, model: Path | None = None, name: str = "echo") -> ServerProcess:
+def start_echo(
+    folder: Path, model: Path | None = None, name: str = "echo", cpus: Collection[int] | None = None
+) -> ServerProcess:
     """The echo service of clients.bench.echo (the transport baseline); with `model` (a version folder), the
-    model floor: the echo plus one run of that model per request."""
+    model floor: the echo plus one run of that model per request. `cpus`: pinned to these."""
     port_file = folder / f"{name}.ports.json"
     command = [sys.executable, "-m", "clients.bench.echo", "--port-file", str(port_file)]
     if model is not None:
         command += ["--run-model", str(model)]
-    return spawn(name, command, port_file, folder / f"{name}.log", timeout=120.0)
+    return spawn(name, command, port_file, folder / f"{name}.log", timeout=120.0, cpus=cpus)
 
 
 def providers_of(server: ServerProcess) -> dict[str, str]:
