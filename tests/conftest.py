@@ -15,7 +15,7 @@ import pytest
 from _pytest.mark.expression import Expression
 
 from clients.processes import ServerProcess
-from tests.helpers import LARGE_ALPHABET, LARGE_MODEL, start_server
+from tests.helpers import LARGE_ALPHABET, LARGE_MODEL, start_server, write_pair
 from tests.onnx_models import write_unit_repository
 
 MARKERS = ("unit", "e2e", "export", "deploy")
@@ -127,3 +127,22 @@ def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     running = start_server(model_repository, tmp_path_factory.mktemp("server"))
     yield running
     assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, the server's certificate for 127.0.0.1, a client certificate, and an unrelated CA."""
+    folder = tmp_path_factory.mktemp("pki")
+    import trustme
+
+    ca, other = trustme.CA(), trustme.CA()
+    (folder / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    (folder / "other-ca.pem").write_bytes(other.cert_pem.bytes())
+    server_cert, server_key = write_pair(folder, ca.issue_cert("127.0.0.1", "localhost"), "server")
+    client_cert, client_key = write_pair(folder, ca.issue_cert("client-a"), "client")
+    misnamed_cert, misnamed_key = write_pair(folder, ca.issue_cert("elsewhere.example"), "misnamed")
+    return {
+        "ca": folder / "ca.pem", "other_ca": folder / "other-ca.pem", "server_cert": server_cert,
+        "server_key": server_key, "client_cert": client_cert, "client_key": client_key,
+        "misnamed_cert": misnamed_cert, "misnamed_key": misnamed_key,
+    }

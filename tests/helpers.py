@@ -11,13 +11,16 @@ import string
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.processes import ServerProcess, spawn
 from clients.security import PLAINTEXT, ClientSecurity
+
+if TYPE_CHECKING:
+    import trustme
 
 LARGE_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + "0123-"
 """57 letters: the alphabet of the checkpoint-imported LSTM(57, 64, num_layers=2)."""
@@ -115,3 +118,11 @@ def aio_error(status: grpc.Status) -> grpc.aio.AioRpcError:
 def transport_error(code: grpc.StatusCode, details: str = "from the transport") -> grpc.aio.AioRpcError:
     """An error with no google.rpc.Status in its trailer: gRPC's own (unreachable, reset stream, size limit)."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def write_pair(folder: Path, cert: trustme.LeafCert, stem: str) -> tuple[Path, Path]:
+    """A leaf certificate's chain and key as PEM files."""
+    chain, key = folder / f"{stem}.pem", folder / f"{stem}.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key.write_bytes(cert.private_key_pem.bytes())
+    return chain, key

@@ -1,7 +1,8 @@
 """TLS, mTLS, certificate rotation, bearer tokens and hostile bytes, over real loopback gRPC (in-process servers).
 
-Certificates are made here with trustme; servers are charrnn-server's own create_server() (tests/helpers.py
-InProcessServer) over the torch-free unit repository, so these run in the unit subset.
+Certificates are made with trustme (the `pki` fixture in tests/conftest.py, shared with test_tls_handshakes.py);
+servers are charrnn-server's own create_server() (tests/helpers.py InProcessServer) over the torch-free unit
+repository, so these run in the unit subset.
 """
 
 from __future__ import annotations
@@ -24,34 +25,9 @@ from proto.charrnn.v1 import charrnn_pb2 as pb
 from server.core.admission import ByteBudget
 from server.core.errors import TooManyBytesInFlightError, shown_word
 from server.grpc.auth import TokenFile, TokenFileError, parse_tokens
-from tests.helpers import InProcessServer
+from tests.helpers import InProcessServer, write_pair
 
 pytestmark = pytest.mark.unit
-
-
-def write_pair(folder: Path, cert: trustme.LeafCert, stem: str) -> tuple[Path, Path]:
-    """A leaf certificate's chain and key as PEM files."""
-    chain, key = folder / f"{stem}.pem", folder / f"{stem}.key"
-    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    key.write_bytes(cert.private_key_pem.bytes())
-    return chain, key
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, the server's certificate for 127.0.0.1, a client certificate, and an unrelated CA."""
-    folder = tmp_path_factory.mktemp("pki")
-    ca, other = trustme.CA(), trustme.CA()
-    (folder / "ca.pem").write_bytes(ca.cert_pem.bytes())
-    (folder / "other-ca.pem").write_bytes(other.cert_pem.bytes())
-    server_cert, server_key = write_pair(folder, ca.issue_cert("127.0.0.1", "localhost"), "server")
-    client_cert, client_key = write_pair(folder, ca.issue_cert("client-a"), "client")
-    misnamed_cert, misnamed_key = write_pair(folder, ca.issue_cert("elsewhere.example"), "misnamed")
-    return {
-        "ca": folder / "ca.pem", "other_ca": folder / "other-ca.pem", "server_cert": server_cert,
-        "server_key": server_key, "client_cert": client_cert, "client_key": client_key,
-        "misnamed_cert": misnamed_cert, "misnamed_key": misnamed_key,
-    }
 
 
 def serve(repository: Path, *flags: str) -> InProcessServer:

@@ -14,7 +14,7 @@ import pytest
 
 from clients.security import ClientSecurity
 from tests.helpers import InProcessServer
-from tests.test_security import encode_once, failure, pki, serve  # noqa: F401 - pki is a fixture
+from tests.test_security import encode_once, failure, serve
 
 pytestmark = pytest.mark.e2e
 
