@@ -43,6 +43,8 @@ def test_a_pinned_process_and_what_it_starts_run_on_the_cpus_asked_for_and_ours_
     tmp_path: Path,
 ) -> None:
     ours = os.sched_getaffinity(0)
+    if len(ours) < 2:
+        pytest.skip("pinning to one CPU is only visible with two usable CPUs (the CI machine has 2)")
     cpu = max(ours)
     port_file = tmp_path / "ports.json"
     script = (

@@ -88,20 +88,26 @@ def test_the_workers_table_takes_medians_and_ratios() -> None:
 def test_the_workers_section_says_where_server_and_load_generator_ran_and_which_provider_ran() -> None:
     rows = [
         {"repeat": 0, "workers": w, "words": words, "concurrency": c, "provider": "CUDAExecutionProvider",
-         "server_cpus": "0-7", "server_rss_mib": 100.0 * w, "gpu_memory_mib": 500.0 * w, "words_per_s": 1000.0, "requests_per_s": 1000.0, "p99_ms": 5.0, "errors": {},
+         "server_cpus": "0-7", "server_rss_mib": 100.0 * w, "server_pss_mib": 80.0 * w, "gpu_memory_mib": 500.0 * w,
+         "words_per_s": 1000.0, "requests_per_s": 1000.0, "p99_ms": 5.0, "errors": {},
          "server_cpu": 0.9, "client_cpu": 0.4, "server_us_per_request": 900.0, "client_us_per_request": 400.0}
         for w in (1, 8) for words, c in scaling.CELLS
     ]
     plan = scaling.MeasurePlan((1, 8), 1, 3.0, "auto", frozenset(range(8)), frozenset(range(8, 16)), 8)
     section = scaling.render_workers(rows, plan, "python -m clients.bench.scaling workers", "2026-12-07 12:00",
                                      (1.0, 1.0, 1.0))
-    assert ("the server pinned to CPUs 0-7, the load generator to CPUs 8-15 (cores of its own) "
+    assert ("the server pinned to CPUs 0-7, the load generator pinned to CPUs 8-15 (cores of its own) "
             "(the server's processes' affinity, read back: 0-7)") in section
     assert "`--device auto --workers N`" in section and "execution provider CUDAExecutionProvider" in section
     assert "charrnn-loadgen in 8 processes" in section
-    assert "| 8 | 800 | 100 | 4,000 |" in section  # idle memory: all processes, per worker, GPU
+    assert "| 8 | 800 | 640 | 80 | 4,000 |" in section  # idle memory: RSS and PSS summed, PSS per worker, GPU
     shared = scaling.MeasurePlan(server_cpus=frozenset({0}), client_cpus=frozenset({0, 1}))
-    assert shared.where() == "the server pinned to CPU 0, the load generator to CPUs 0-1 (shared)"
+    assert shared.where() == "the server pinned to CPU 0, the load generator pinned to CPUs 0-1 (shared)"
+    client_only = scaling.MeasurePlan(client_cpus=frozenset({1}))
+    assert client_only.where() == "the server on all CPUs, the load generator pinned to CPU 1 (shared)"
+    assert not client_only.rigs_conditions() and scaling.floors_section(client_only) == "floors-pinned"
+    assert scaling.floors_section(scaling.MeasurePlan(client_processes=4)) == "floors-pinned"
+    assert scaling.floors_section(scaling.MeasurePlan()) == "floors"
 
 
 def test_cpu_lists_are_read_as_taskset_writes_them_and_only_usable_cpus_are_taken() -> None:
@@ -111,8 +117,9 @@ def test_cpu_lists_are_read_as_taskset_writes_them_and_only_usable_cpus_are_take
     if usable == list(range(usable[0], usable[-1] + 1)):  # contiguous, as on the CI machine
         assert scaling.cpu_list(f"{usable[0]}-{usable[-1]}") == frozenset(usable)
     assert scaling._cpus_text(frozenset({0, 1, 2, 5, 7, 8})) == "0-2,5,7-8"
-    with pytest.raises(argparse.ArgumentTypeError, match="not a CPU list"):
-        scaling.cpu_list("0-x")
+    for text in ("0-x", "1-0", "0-0,3-1", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a CPU list"):
+            scaling.cpu_list(text)
     with pytest.raises(argparse.ArgumentTypeError, match=r"CPU 4096 not usable here \(usable: "):
         scaling.cpu_list("4096")
 
@@ -168,8 +175,8 @@ def test_pinned_floors_say_where_they_ran_and_have_a_section_of_their_own_beside
                                     2, 5.0, (1.0, 1.0, 1.0), placement=placement)
     begin, end = scaling.SECTIONS["floors-pinned"]
     assert section.startswith(begin) and section.rstrip().endswith(end)
-    assert "ours, each server on cores of its own" in section
-    assert ("each server pinned to CPU 0, the load generator to CPU 1 (cores of its own) "
+    assert "and ours, placed otherwise" in section
+    assert ("each server pinned to CPU 0, the load generator pinned to CPU 1 (cores of its own) "
             "(the server's processes' affinity, read back: 0)") in section
     assert "charrnn-loadgen in 4 processes" in section
     unpinned = scaling.render_floors(floor_rows(), "floors", "2026-12-07 12:00", 2, 5.0, (1.0, 1.0, 1.0))

@@ -254,6 +254,8 @@ def test_the_workers_benchmark_pins_server_and_load_generator_apart_and_counts_t
     from clients.bench import scaling
 
     ours = os.sched_getaffinity(0)
+    if len(ours) < 2:
+        pytest.skip("pinning apart needs two usable CPUs (the CI machine has 2)")
     server_cpu, client_cpu = min(ours), max(ours)
     monkeypatch.setattr(scaling, "CELLS", ((1, 8),))
     plan = scaling.MeasurePlan((2,), 1, 0.5, "cpu", frozenset({server_cpu}), frozenset({client_cpu}), 2,
@@ -261,8 +263,26 @@ def test_the_workers_benchmark_pins_server_and_load_generator_apart_and_counts_t
     (row,) = scaling.measure_workers(plan)
     assert row["provider"] == "CPUExecutionProvider"
     assert row["server_cpus"] == str(server_cpu)  # the supervisor and both workers
-    assert 100 < float(row["server_rss_mib"]) < 1000, row  # supervisor + 2 workers, each ~80 MiB  # type: ignore[arg-type]
+    assert 100 < float(row["server_rss_mib"]) < 1000, row  # type: ignore[arg-type]  # supervisor + 2 workers, ~80 MiB each
+    assert 50 < float(row["server_pss_mib"]) <= float(row["server_rss_mib"]), row  # type: ignore[arg-type]
     assert row["errors"] == {} and float(row["words_per_s"]) > 0  # type: ignore[arg-type]
     # The parent only waits for its two load processes: without their CPU this would be a few percent.
     assert float(row["client_cpu"]) > 0.2, row  # type: ignore[arg-type]
     assert os.sched_getaffinity(0) == ours
+
+
+def test_a_load_generator_pinned_alone_leaves_the_server_on_every_cpu(
+    unit_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--client-cpus without --server-cpus: the server, started from the pinned load generator, must not
+    inherit its CPUs."""
+    from clients.bench import scaling
+
+    ours = os.sched_getaffinity(0)
+    if len(ours) < 2:
+        pytest.skip("a pinned load generator is only told apart from the server with two usable CPUs")
+    monkeypatch.setattr(scaling, "CELLS", ((1, 1),))
+    plan = scaling.MeasurePlan((1,), 1, 0.3, "cpu", None, frozenset({max(ours)}), 1, unit_repository)
+    (row,) = scaling.measure_workers(plan)
+    assert row["server_cpus"] == scaling._cpus_text(frozenset(ours)), row
+    assert row["errors"] == {}

@@ -113,14 +113,15 @@ def _tree_cpu_s(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def _pinned(cpus: frozenset[int] | None) -> Iterator[None]:
-    """This thread (and the processes it starts from here on, the load processes) pinned to `cpus` for the
-    block; None: left as it is."""
-    own = os.sched_getaffinity(0)
+def _pinned(cpus: frozenset[int] | None) -> Iterator[frozenset[int]]:
+    """This thread (and the processes and threads it starts from here on: the load processes) pinned to `cpus`
+    for the block, threads already running staying where they are; None: left as it is. Yields the affinity
+    it replaced, for what must not inherit the pinning (a server started with no CPUs of its own)."""
+    own = frozenset(os.sched_getaffinity(0))
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
     try:
-        yield
+        yield own
     finally:
         os.sched_setaffinity(0, own)
 
@@ -139,18 +140,21 @@ def _tree_cpus(pid: int) -> str:
     return _cpus_text(frozenset(cpus))
 
 
-def _tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and its children, MiB."""
+def _tree_memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of a process and its children, summed, MiB. RSS counts the libraries they share (onnxruntime,
+    CUDA's) once per process; PSS shares them out, so its sum is what they take together."""
     import psutil
 
     root = psutil.Process(pid)
-    total = 0
+    rss = pss = 0
     for process in [root, *root.children(recursive=True)]:
         try:
-            total += process.memory_info().rss
+            memory = process.memory_full_info()
         except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
+            continue
+        rss += memory.rss
+        pss += getattr(memory, "pss", memory.rss)
+    return rss / 2**20, pss / 2**20
 
 
 def _difference(after: float | None, before: float | None) -> float | None:
@@ -168,21 +172,25 @@ def _own_cpu_s() -> float:
 
 def _measured_load(pid: int, config: LoadConfig) -> dict[str, object]:
     """One charrnn-loadgen run against the server process `pid` (and its children): words/s, p99, errors, and
-    server and client (this process and the load processes it spawned and reaped) CPU, in all and per request."""
+    server and client (this process and the load processes it spawned and reaped) CPU per request and while
+    under load.
+
+    Per request is the CPU the whole run took over every request it sent, warm-up included: the run also
+    spends time with no load at all (starting load processes, their barrier), which would dilute a CPU share
+    taken over its wall time. The share of a core under load is then that per request times the measured
+    requests/s. The client's figure includes the load processes' start-up (the interpreter, imports)."""
     from clients.loadgen.fanout import run_load
 
     cpu_before, own_before = _tree_cpu_s(pid), _own_cpu_s()
-    wall_before = time.monotonic()
     result = run_load(config)
-    wall = time.monotonic() - wall_before
-    server_cpu = (_tree_cpu_s(pid) - cpu_before) / wall
-    client_cpu = (_own_cpu_s() - own_before) / wall
+    sent = max(result.issued, 1)
+    server_s = (_tree_cpu_s(pid) - cpu_before) / sent
+    client_s = (_own_cpu_s() - own_before) / sent
     return {
         "words_per_s": result.words_per_s, "requests_per_s": result.requests_per_s,
         "p99_ms": result.latency_ms["p99"], "errors": result.errors,
-        "server_cpu": server_cpu, "client_cpu": client_cpu,
-        "server_us_per_request": server_cpu / max(result.requests_per_s, 1e-9) * 1e6,
-        "client_us_per_request": client_cpu / max(result.requests_per_s, 1e-9) * 1e6,
+        "server_cpu": server_s * result.requests_per_s, "client_cpu": client_s * result.requests_per_s,
+        "server_us_per_request": server_s * 1e6, "client_us_per_request": client_s * 1e6,
     }
 
 
@@ -192,7 +200,10 @@ def cpu_list(text: str) -> frozenset[int]:
     try:
         for part in text.split(","):
             first, _, last = part.strip().partition("-")
-            cpus.update(range(int(first), int(last or first) + 1))
+            low, high = int(first), int(last or first)
+            if high < low:
+                raise ValueError(part)
+            cpus.update(range(low, high + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a CPU list (like 0-7,12): {text[:40]!r}") from None
     usable = os.sched_getaffinity(0)
@@ -218,7 +229,8 @@ def _cpus_text(cpus: frozenset[int]) -> str:
 def _read_back(rows: Sequence[dict[str, object]], plan: MeasurePlan) -> str:
     """Where the pinned servers' processes really were allowed to run, as read from them."""
     placed = sorted({str(r["server_cpus"]) for r in rows if "server_cpus" in r})
-    return f" (the server's processes' affinity, read back: {'; '.join(placed)})" if plan.server_cpus else ""
+    pinned = plan.server_cpus is not None or plan.client_cpus is not None
+    return f" (the server's processes' affinity, read back: {'; '.join(placed)})" if pinned else ""
 
 
 def _processes(plan: MeasurePlan) -> str:
@@ -249,15 +261,18 @@ class MeasurePlan:
     repository: Path | None = None
     """An exported model repository to serve; None: export the built-ins first (needs torch)."""
 
+    def rigs_conditions(self) -> bool:
+        """Placed as in the shared rig: nothing pinned, one load-generator process."""
+        return self.server_cpus is None and self.client_cpus is None and self.client_processes == 1
+
     def where(self) -> str:
         """The placement, in words, for the section."""
         if self.server_cpus is None and self.client_cpus is None:
             return "the load generator shares the cores with the server"
-        server = "all CPUs" if self.server_cpus is None else _cpus_named(self.server_cpus)
-        client = "all CPUs" if self.client_cpus is None else _cpus_named(self.client_cpus)
+        server = "on all CPUs" if self.server_cpus is None else f"pinned to {_cpus_named(self.server_cpus)}"
+        client = "on all CPUs" if self.client_cpus is None else f"pinned to {_cpus_named(self.client_cpus)}"
         shared = self.server_cpus is None or self.client_cpus is None or bool(self.server_cpus & self.client_cpus)
-        return (f"the server pinned to {server}, the load generator to {client}"
-                + (" (shared)" if shared else " (cores of its own)"))
+        return f"the server {server}, the load generator {client}" + (" (shared)" if shared else " (cores of its own)")
 
 
 def measure_workers(plan: MeasurePlan) -> list[dict[str, object]]:
@@ -269,19 +284,21 @@ def measure_workers(plan: MeasurePlan) -> list[dict[str, object]]:
 
     rows: list[dict[str, object]] = []
     gpu_before = gpu_memory_used_mib()
-    with _pinned(plan.client_cpus), tempfile.TemporaryDirectory(prefix="charrnn-scaling-") as scratch:
+    with _pinned(plan.client_cpus) as everywhere, tempfile.TemporaryDirectory(prefix="charrnn-scaling-") as scratch:
         folder = Path(scratch)
+        cpus = plan.server_cpus if plan.server_cpus is not None else everywhere
         repository = plan.repository if plan.repository is not None else export_repository(folder)
         for repeat in range(plan.repeats):
             order = list(plan.counts) if repeat % 2 == 0 else list(reversed(plan.counts))
             for workers in order:
                 server = start_server(f"workers-{workers}-{repeat}", repository, folder, plan.device, True,
-                                      ["--workers", str(workers)], cpus=plan.server_cpus)
+                                      ["--workers", str(workers)], cpus=cpus)
                 try:
                     provider = providers_of(server).get("lstm", "?")
                     placed = _tree_cpus(server.process.pid)
                     time.sleep(1.0)
-                    idle = {"server_rss_mib": _tree_rss_mib(server.process.pid),
+                    rss, pss = _tree_memory_mib(server.process.pid)
+                    idle = {"server_rss_mib": rss, "server_pss_mib": pss,
                             "gpu_memory_mib": _difference(gpu_memory_used_mib(), gpu_before)}
                     for words, concurrency in CELLS:
                         config = LoadConfig(server.target, "lstm", concurrency=concurrency,
@@ -359,15 +376,18 @@ def _idle_memory(rows: Sequence[dict[str, object]], counts: Sequence[int]) -> li
     measured = [r for r in rows if "server_rss_mib" in r]
     if not measured:
         return []
-    lines = ["", "Idle memory, one second after SERVING (median over the starts):", "",
-             "| workers | server RSS MiB (all processes) | per worker | GPU memory taken MiB |", "|---:|---:|---:|---:|"]
+    lines = ["", "Idle memory, one second after SERVING (median over the starts; the supervisor, where there is one, "
+             "is in the sums and shared out per worker):", "",
+             "| workers | server RSS MiB (sum over processes) | server PSS MiB (sum) | PSS per worker | "
+             "GPU memory taken MiB |", "|---:|---:|---:|---:|---:|"]
     for workers in counts:
         started = {int(r["repeat"]): r for r in measured if r["workers"] == workers}  # type: ignore[call-overload]
         if not started:
             continue
         rss = statistics.median(float(r["server_rss_mib"]) for r in started.values())  # type: ignore[arg-type]
+        pss = statistics.median(float(r.get("server_pss_mib", r["server_rss_mib"])) for r in started.values())  # type: ignore[arg-type]
         gpu = [float(r["gpu_memory_mib"]) for r in started.values() if r.get("gpu_memory_mib") is not None]  # type: ignore[arg-type]
-        lines.append(f"| {workers} | {rss:,.0f} | {rss / workers:,.0f} | "
+        lines.append(f"| {workers} | {rss:,.0f} | {pss:,.0f} | {pss / workers:,.0f} | "
                      f"{f'{statistics.median(gpu):,.0f}' if gpu else '- (no GPU)'} |")
     return lines
 
@@ -397,11 +417,11 @@ def measure_floors(repeats: int, duration_s: float, device: str, placement: Meas
 
     rows: list[dict[str, object]] = []
     sizes: dict[int, int] = {}
-    with tempfile.TemporaryDirectory(prefix="charrnn-floors-") as scratch, _pinned(placement.client_cpus):
+    with tempfile.TemporaryDirectory(prefix="charrnn-floors-") as scratch, _pinned(placement.client_cpus) as everywhere:
         folder = Path(scratch)
         repository = placement.repository if placement.repository is not None else export_repository(folder)
         model_folder = scan_repository(repository)["lstm"][-1].path
-        cpus = placement.server_cpus
+        cpus = placement.server_cpus if placement.server_cpus is not None else everywhere
         for repeat in range(repeats):
             order = list(reversed(FLOOR_SERVERS)) if repeat % 2 == 0 else list(FLOOR_SERVERS)
             for name in order:
@@ -439,9 +459,9 @@ def _median(rows: Sequence[dict[str, object]], server: str, words: int, concurre
 
 
 def floors_section(placement: MeasurePlan) -> str:
-    """The floors section a placement writes: the rig's conditions (everything on every core) and pinned
-    servers each have their own, so that one run does not replace the other."""
-    return "floors" if placement.server_cpus is None else "floors-pinned"
+    """The floors section a placement writes: the rig's conditions (unpinned, one load process) have theirs,
+    any other placement the other, so that one run does not replace the other."""
+    return "floors" if placement.rigs_conditions() else "floors-pinned"
 
 
 def render_floors(
@@ -470,7 +490,7 @@ def render_floors(
     lines = [
         begin,
         "## Floors: the transport alone, the transport plus the model's run, and ours"
-        + ("" if placement.server_cpus is None else ", each server on cores of its own"),
+        + ("" if placement.rigs_conditions() else ", placed otherwise"),
         "",
         f"Generated by `{command}` on {started} UTC. Machine: {machine['nproc']} CPUs ({machine['affinity']} usable, "
         f"{machine['cpu_model']}), load average at start {', '.join(f'{v:.2f}' for v in load_average)}; "
@@ -696,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers.add_argument("--note", default="The machine (2 CPUs) was shared with other work during the pass.")
     args = parser.parse_args(argv)
     command = "python -m clients.bench.scaling " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    plan = MeasurePlan()
     if args.command in ("workers", "floors"):
         counts = tuple(int(value) for value in args.workers.split(",")) if args.command == "workers" else ()
         plan = MeasurePlan(counts, args.repeats, args.duration, args.device, args.server_cpus, args.client_cpus,
