@@ -54,6 +54,8 @@ class RunningServer:
     engine: Engine
     metrics: Metrics
     metrics_port: int | None
+    budget: ByteBudget | None = None
+    """The byte budget every front end takes a request's bytes from while it is in flight (--max-inflight-bytes)."""
     reload_hooks: list[ReloadHook] = field(default_factory=list)
     """What SIGHUP re-reads, in order: the server's one reload signal (certificates, tokens, models)."""
     rescan_repository: ReloadHook | None = None
@@ -152,7 +154,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
         "on" if config.batching else "off",
         ", ".join(f"{m.name} [{m.manifest.kind}, {m.provider}]" for m in models.values()),
     )
-    running = RunningServer(server, port, health_servicer, engine, metrics, metrics_port)
+    running = RunningServer(server, port, health_servicer, engine, metrics, metrics_port, budget)
     running.reload_hooks.append(rescan_repository)  # SIGHUP: the model repository,
     running.rescan_repository = rescan_repository  # (alone, what --poll-seconds runs)
     running.reload_hooks.extend(security.reload_hooks)  # then certificates, then tokens

@@ -255,19 +255,8 @@ def test_the_byte_budget_refuses_beyond_its_limit_and_nothing_stays_taken(in_pro
     with grpc.insecure_channel(in_process.target) as channel:
         with pytest.raises(grpc.RpcError):
             channel.unary_unary("/charrnn.v1.CharRnn/Encode")(MALFORMED["random bytes"], timeout=5)
-    assert _service_budget(in_process).in_use == 0
-
-
-def _service_budget(server: InProcessServer) -> ByteBudget:
-    """The budget of the CharRnnService serving an in-process server's engine."""
-    import gc
-
-    from server.grpc.charrnn_v1 import CharRnnService
-
-    for candidate in gc.get_objects():
-        if isinstance(candidate, CharRnnService) and candidate._engine is server.running.engine:
-            return candidate.budget
-    raise AssertionError("no CharRnnService found")
+    served_budget = in_process.running.budget
+    assert served_budget is not None and served_budget.in_use == 0
 
 
 @pytest.fixture
