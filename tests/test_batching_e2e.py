@@ -76,16 +76,19 @@ def test_batched_equals_unbatched_equals_eager_on_concurrent_mixed_traffic(
             assert max_error(a, eager(module, runtime, request.words[index], state)) <= PARITY_TOLERANCE
 
 
+@pytest.mark.parametrize("inline_max_us", ["0", "500"])
 def test_two_workers_answer_concurrent_mixed_traffic_exactly_as_eager(
-    model_repository: Path, tmp_path: Path, runtimes: dict[str, ModelRuntime], modules: dict[str, nn.RNNBase]
+    model_repository: Path, tmp_path: Path, runtimes: dict[str, ModelRuntime], modules: dict[str, nn.RNNBase],
+    inline_max_us: str,
 ) -> None:
     """--workers 2, batching on: the same mixed traffic over 8 connections of their own (spread over both workers
-    by SO_REUSEPORT), every word equal to eager PyTorch alone; and the runs did merge requests."""
+    by SO_REUSEPORT), every word equal to eager PyTorch alone, with runs on onnxruntime's thread and inline; and,
+    on the thread, the runs did merge requests."""
     requests = random_traffic(runtimes, 7, count=120, models=MODELS)
     # A 20 ms wait so that requests from several connections meet; the whole of it (gap 0), since on a loaded
-    # machine they may arrive more than the default 1 ms gap apart (seen: 120 runs for 120 requests).
+    # machine they may arrive more than the default 1 ms gap apart.
     server = start_server(model_repository, tmp_path, "--workers", "2", "--max-batch-words", "64",
-                          "--max-queue-delay-ms", "20", "--max-queue-gap-ms", "0")
+                          "--max-queue-delay-ms", "20", "--max-queue-gap-ms", "0", "--inline-max-us", inline_max_us)
 
     async def send_all() -> list[list[object]]:
         channels = [grpc.aio.insecure_channel(server.target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
@@ -118,9 +121,14 @@ def test_two_workers_answer_concurrent_mixed_traffic_exactly_as_eager(
             state = request.states[index] if request.states else None
             got = WordEncoding(encoding.word, encoding.outputs, encoding.hidden, encoding.cell)  # type: ignore[attr-defined]
             assert max_error(got, eager(module, runtime, request.words[index], state)) <= PARITY_TOLERANCE
-    # Runs summed over both workers: every word of every request, in fewer runs than requests (merged).
+    # Runs summed over both workers: every word of every request ...
     assert samples["charrnn_batch_words_sum"] == sum(len(r.words) for r in requests)
-    assert samples["charrnn_batch_words_count"] < len(requests)
+    if inline_max_us == "0":
+        # ... in fewer runs than requests (merged): while a run is on onnxruntime's thread the model is busy, and
+        # what arrives meanwhile waits for company. Not asserted with inline runs: a request that reaches an idle
+        # worker is answered within its own event-loop turn, and grpc.aio hands a worker one call per turn, so
+        # whether two ever meet is a matter of timing (a CI run saw 120 runs for 120 requests).
+        assert samples["charrnn_batch_words_count"] < len(requests), samples
     log = server.log()
     assert "[worker 0] server.main: serving" in log and "[worker 1] server.main: serving" in log
 
