@@ -54,7 +54,7 @@ class RunningServer:
     engine: Engine
     metrics: Metrics
     metrics_port: int | None
-    budget: ByteBudget | None = None
+    budget: ByteBudget
     """The byte budget every front end takes a request's bytes from while it is in flight (--max-inflight-bytes)."""
     reload_hooks: list[ReloadHook] = field(default_factory=list)
     """What SIGHUP re-reads, in order: the server's one reload signal (certificates, tokens, models)."""
