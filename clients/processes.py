@@ -6,12 +6,13 @@ serve; the benchmark, the soak script and the tests start them through this one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,20 @@ class ServerProcess:
             self.process.wait()
 
 
+@contextlib.contextmanager
+def pinned(cpus: Collection[int] | None) -> Iterator[frozenset[int]]:
+    """This thread, and the processes and threads it starts inside the block, on `cpus` (threads already running
+    stay where they are); None: left as it is. Yields the affinity it replaced, restored on leaving."""
+    own = frozenset(os.sched_getaffinity(0))
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield own
+    finally:
+        if cpus is not None:
+            os.sched_setaffinity(0, own)
+
+
 def spawn(
     name: str,
     command: Sequence[str],
@@ -63,19 +78,12 @@ def spawn(
     `cpus`: the CPUs it may run on (its affinity, set before it starts, so that what it forks inherits it and
     what reads its usable cores, `--workers auto`, sees them); None: this process's.
     Raises RuntimeError if the process exits first, TimeoutError (after killing it) if it takes too long."""
-    own_cpus = os.sched_getaffinity(0)
-    with log_path.open("wb") as log:
-        # The child inherits the affinity of the thread that forks it: this one's, pinned for the moment (no
-        # preexec_fn, which is unsafe in a process with threads).
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-        try:
-            process = subprocess.Popen(
-                list(command), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-        finally:
-            if cpus is not None:
-                os.sched_setaffinity(0, own_cpus)
+    # The child inherits the affinity of the thread that forks it: this one's, pinned for the moment (no
+    # preexec_fn, which is unsafe in a process with threads).
+    with log_path.open("wb") as log, pinned(cpus):
+        process = subprocess.Popen(
+            list(command), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     deadline = time.monotonic() + timeout
     while not port_file.exists() or not port_file.read_text():
         if process.poll() is not None:

@@ -14,9 +14,8 @@ from clients.bench.perf_analyzer import (
     parse_csv,
     perf_analyzer_command,
     render_section,
-    section_of,
-    with_section,
 )
+from clients.bench.sections import section_of, with_section
 
 pytestmark = pytest.mark.unit
 
@@ -60,11 +59,12 @@ def test_the_section_is_replaced_in_place_and_survives_a_rewrite_of_the_rest() -
     section = render_section("python -m clients.bench.perf_analyzer run", "2026-12-04 19:00", ["--batching"], "2.41.0", [row])
     assert section.startswith(SECTION_BEGIN) and section.rstrip().endswith(SECTION_END)
     assert "| 1 | 1 | perf_analyzer | KServe V2 | 10 | 10 | 1.00 | 2.00 | 0.00 | 0.10 |" in section
-    document = with_section("# Performance\n\nbody\n", section)
+    document = with_section("# Performance\n\nbody\n", "perf_analyzer", section)
     assert document == "# Performance\n\nbody\n\n" + section
     newer = section.replace("2026-12-04", "2026-12-05")
-    assert with_section(document, newer).count(SECTION_BEGIN) == 1 and "2026-12-05" in with_section(document, newer)
+    rewritten = with_section(document, "perf_analyzer", newer)
+    assert rewritten.count(SECTION_BEGIN) == 1 and "2026-12-05" in rewritten
     # What the benchmark does when it regenerates the rest of the file: the section is kept as it was.
-    kept = section_of(document)
-    assert kept == section and with_section("# Performance\n\nnew body\n", kept).endswith(section)
-    assert section_of("# no section\n") is None
+    kept = section_of(document, "perf_analyzer")
+    assert kept == section and with_section("# Performance\n\nnew body\n", "perf_analyzer", kept).endswith(section)
+    assert section_of("# no section\n", "perf_analyzer") is None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.bench import scaling
+from clients.bench import peer_rig, placement, scaling, sections
 
 pytestmark = pytest.mark.unit
 
@@ -21,7 +21,7 @@ def rig_run(peer: str, words_per_s: float, cpu_pct: float) -> dict[str, object]:
         "cells": [
             {"batch_words": w, "concurrency": c, "words_per_s": words_per_s * w, "infer_per_s": words_per_s,
              "p99_ms": 2.0, "server_cpu_pct": cpu_pct, "client_cpu_pct": cpu_pct / 2, "words_per_ort_call": 1.5}
-            for w, c in scaling.PEER_CELLS
+            for w, c in peer_rig.PEER_CELLS
         ],
     }
 
@@ -29,7 +29,7 @@ def rig_run(peer: str, words_per_s: float, cpu_pct: float) -> dict[str, object]:
 def test_the_peer_table_states_ratios_cpu_per_request_and_its_sources(tmp_path: Path) -> None:
     for name, wps, cpu in (("grpc-echo", 2000.0, 100.0), ("ours", 1000.0, 100.0), ("torchserve", 500.0, 50.0)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rig_run(name, wps, cpu)))
-    section = scaling.render_peers(tmp_path, "bash run_all.sh echo ours torchserve", "Shared machine.")
+    section = peer_rig.render_peers(tmp_path, "bash run_all.sh echo ours torchserve", "Shared machine.")
     assert "| **ours** | 1,000 (2.0) |" in section
     assert "| ours / TorchServe, words/s (target >= 1.0) | 2.00 |" in section
     assert "| ours / echo, server CPU per request (target <= 1.3) | 2.00 |" in section  # 1000 us vs 500 us
@@ -43,7 +43,7 @@ def test_the_peer_table_states_ratios_cpu_per_request_and_its_sources(tmp_path: 
 def test_with_the_rigs_inproc_step_the_table_states_the_floors_of_any_server_running_the_model(tmp_path: Path) -> None:
     for name, wps, cpu in (("grpc-echo", 2000.0, 100.0), ("ours", 1000.0, 100.0), ("torchserve", 500.0, 50.0)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rig_run(name, wps, cpu)))
-    without = scaling.render_peers(tmp_path, "bash run_all.sh echo ours torchserve", "")
+    without = peer_rig.render_peers(tmp_path, "bash run_all.sh echo ours torchserve", "")
     assert "floor of ours / echo" not in without  # no ort_inproc.json: no floors claimed
     inproc = {"model": "lstm3.onnx", "seq": 5, "rows": [
         {"intra_op_threads": 1, "batch_words": 1, "calls_per_s": 10000.0},  # 100 us a run
@@ -51,7 +51,7 @@ def test_with_the_rigs_inproc_step_the_table_states_the_floors_of_any_server_run
         {"intra_op_threads": 2, "batch_words": 32, "calls_per_s": 8000.0},  # not the 1-thread figure
     ]}
     (tmp_path / "ort_inproc.json").write_text(json.dumps(inproc))
-    section = scaling.render_peers(tmp_path, "bash run_all.sh inproc echo ours torchserve", "")
+    section = peer_rig.render_peers(tmp_path, "bash run_all.sh inproc echo ours torchserve", "")
     assert "| ort_inproc |" not in section  # not a server row
     # echo 500 us per request: 1 + 100/500 = 1.20 (1 word), 1 + 250/500 = 1.50 (32 words)
     assert "/ echo us per request | 1.20 | 1.20 | 1.20 | 1.50 | 1.50 | 1.50 |" in section
@@ -62,7 +62,7 @@ def test_with_the_rigs_inproc_step_the_table_states_the_floors_of_any_server_run
 def test_a_tagged_run_of_ours_is_a_variant_row_beside_the_first(tmp_path: Path) -> None:
     for name, wps in (("ours", 1000.0), ("ours-inline100", 900.0), ("torchserve", 500.0)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rig_run(name, wps, 100.0)))
-    section = scaling.render_peers(tmp_path, "TAG=-inline100 bash run_all.sh ours", "Shared machine.")
+    section = peer_rig.render_peers(tmp_path, "TAG=-inline100 bash run_all.sh ours", "Shared machine.")
     assert "| ours, variant `inline100` | 900 (2.0) |" in section
     assert section.index("| **ours** |") < section.index("variant `inline100`") < section.index("| TorchServe |")
     assert "| ours / TorchServe, words/s (target >= 1.0) | 2.00 |" in section  # ratios are the first run's
@@ -75,7 +75,7 @@ def test_the_workers_table_takes_medians_and_ratios() -> None:
          "server_us_per_request": 900.0, "client_us_per_request": 400.0}
         for r in range(2) for w in (1, 2) for words, c in scaling.CELLS
     ]
-    plan = scaling.MeasurePlan((1, 2), repeats=2, duration_s=5.0)
+    plan = placement.MeasurePlan((1, 2), repeats=2, duration_s=5.0)
     section = scaling.render_workers(rows, plan, "python -m clients.bench.scaling workers", "2026-12-04 20:00",
                                      (1.0, 1.0, 1.0))
     assert "| 2 | 1 | 64 | 2,000 [2,000-2,001] | 5.0 | 90 | 900 | 400 | - |" in section
@@ -93,7 +93,7 @@ def test_the_workers_section_says_where_server_and_load_generator_ran_and_which_
          "server_cpu": 0.9, "client_cpu": 0.4, "server_us_per_request": 900.0, "client_us_per_request": 400.0}
         for w in (1, 8) for words, c in scaling.CELLS
     ]
-    plan = scaling.MeasurePlan((1, 8), 1, 3.0, "auto", frozenset(range(8)), frozenset(range(8, 16)), 8)
+    plan = placement.MeasurePlan((1, 8), 1, 3.0, "auto", frozenset(range(8)), frozenset(range(8, 16)), 8)
     section = scaling.render_workers(rows, plan, "python -m clients.bench.scaling workers", "2026-12-07 12:00",
                                      (1.0, 1.0, 1.0))
     assert ("the server pinned to CPUs 0-7, the load generator pinned to CPUs 8-15 (cores of its own) "
@@ -101,37 +101,37 @@ def test_the_workers_section_says_where_server_and_load_generator_ran_and_which_
     assert "`--device auto --workers N`" in section and "execution provider CUDAExecutionProvider" in section
     assert "charrnn-loadgen in 8 processes" in section
     assert "| 8 | 800 | 640 | 80 | 4,000 |" in section  # idle memory: RSS and PSS summed, PSS per worker, GPU
-    shared = scaling.MeasurePlan(server_cpus=frozenset({0}), client_cpus=frozenset({0, 1}))
+    shared = placement.MeasurePlan(server_cpus=frozenset({0}), client_cpus=frozenset({0, 1}))
     assert shared.where() == "the server pinned to CPU 0, the load generator pinned to CPUs 0-1 (shared)"
-    client_only = scaling.MeasurePlan(client_cpus=frozenset({1}))
+    client_only = placement.MeasurePlan(client_cpus=frozenset({1}))
     assert client_only.where() == "the server on all CPUs, the load generator pinned to CPU 1 (shared)"
     assert not client_only.rigs_conditions() and scaling.floors_section(client_only) == "floors-pinned"
-    assert scaling.floors_section(scaling.MeasurePlan(client_processes=4)) == "floors-pinned"
-    assert scaling.floors_section(scaling.MeasurePlan()) == "floors"
+    assert scaling.floors_section(placement.MeasurePlan(client_processes=4)) == "floors-pinned"
+    assert scaling.floors_section(placement.MeasurePlan()) == "floors"
 
 
 def test_cpu_lists_are_read_as_taskset_writes_them_and_only_usable_cpus_are_taken() -> None:
     usable = sorted(os.sched_getaffinity(0))
-    assert scaling.cpu_list(str(usable[0])) == frozenset({usable[0]})
-    assert scaling.cpu_list(",".join(map(str, usable))) == frozenset(usable)
+    assert placement.cpu_list(str(usable[0])) == frozenset({usable[0]})
+    assert placement.cpu_list(",".join(map(str, usable))) == frozenset(usable)
     if usable == list(range(usable[0], usable[-1] + 1)):  # contiguous, as on the CI machine
-        assert scaling.cpu_list(f"{usable[0]}-{usable[-1]}") == frozenset(usable)
-    assert scaling._cpus_text(frozenset({0, 1, 2, 5, 7, 8})) == "0-2,5,7-8"
+        assert placement.cpu_list(f"{usable[0]}-{usable[-1]}") == frozenset(usable)
+    assert placement.cpus_text(frozenset({0, 1, 2, 5, 7, 8})) == "0-2,5,7-8"
     for text in ("0-x", "1-0", "0-0,3-1", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="not a CPU list"):
-            scaling.cpu_list(text)
+            placement.cpu_list(text)
     with pytest.raises(argparse.ArgumentTypeError, match=r"CPU 4096 not usable here \(usable: "):
-        scaling.cpu_list("4096")
+        placement.cpu_list("4096")
 
 
 def test_sections_are_replaced_in_place_and_survive_the_benchmark_rewrite() -> None:
-    begin, end = scaling.SECTIONS["workers"]
+    begin, end = sections.SECTIONS["workers"]
     document = f"# Performance\n\nbody\n\n{begin}\nold\n{end}\n\ntail\n"
-    replaced = scaling.with_section(document, "workers", f"{begin}\nnew\n{end}\n")
+    replaced = sections.with_section(document, "workers", f"{begin}\nnew\n{end}\n")
     assert "new" in replaced and "old" not in replaced and replaced.endswith("tail\n")
-    assert scaling.section_of(replaced, "workers") == f"{begin}\nnew\n{end}\n"
-    assert scaling.section_of(replaced, "peers") is None
-    assert scaling.with_section("# P\n", "peers", "X\n") == "# P\n\nX\n"
+    assert sections.section_of(replaced, "workers") == f"{begin}\nnew\n{end}\n"
+    assert sections.section_of(replaced, "peers") is None
+    assert sections.with_section("# P\n", "peers", "X\n") == "# P\n\nX\n"
 
 
 def floor_rows() -> list[dict[str, object]]:
@@ -142,14 +142,14 @@ def floor_rows() -> list[dict[str, object]]:
          "errors": {"UNAVAILABLE": 1} if (name, r, words, c) == ("ours", 1, 1, 1) else {},
          "server_cpu": 1.0, "client_cpu": 0.4, "server_us_per_request": costs[name] + 10 * r,
          "client_us_per_request": 200.0}
-        for r in range(2) for name in scaling.FLOOR_SERVERS for words, c in scaling.PEER_CELLS
+        for r in range(2) for name in scaling.FLOOR_SERVERS for words, c in peer_rig.PEER_CELLS
     ]
 
 
 def test_the_floors_table_states_each_servers_cost_and_the_ratios_to_the_echo_and_the_model_floor() -> None:
-    section = scaling.render_floors(floor_rows(), "python -m clients.bench.scaling floors", "2026-12-07 11:00", 2, 5.0,
-                                    (1.0, 1.0, 1.0))
-    begin, end = scaling.SECTIONS["floors"]
+    section = scaling.render_floors(floor_rows(), placement.MeasurePlan(repeats=2, duration_s=5.0),
+                                    "python -m clients.bench.scaling floors", "2026-12-07 11:00", (1.0, 1.0, 1.0))
+    begin, end = sections.SECTIONS["floors"]
     assert section.startswith(begin) and section.rstrip().endswith(end)
     assert "`python -m clients.bench.scaling floors` on 2026-12-07 11:00 UTC" in section
     assert "| echo (transport only) | 305 | 305 | 305 | 305 | 305 | 305 |" in section  # medians of 300 and 310
@@ -162,24 +162,36 @@ def test_the_floors_table_states_each_servers_cost_and_the_ratios_to_the_echo_an
 
 
 def test_the_floors_section_is_kept_like_the_others() -> None:
-    begin, end = scaling.SECTIONS["floors"]
-    document = scaling.with_section("# Performance\n", "floors", f"{begin}\nfloors\n{end}\n")
-    assert scaling.section_of(document, "floors") == f"{begin}\nfloors\n{end}\n"
-    assert scaling.section_of(document, "workers") is None
+    begin, end = sections.SECTIONS["floors"]
+    document = sections.with_section("# Performance\n", "floors", f"{begin}\nfloors\n{end}\n")
+    assert sections.section_of(document, "floors") == f"{begin}\nfloors\n{end}\n"
+    assert sections.section_of(document, "workers") is None
 
 
 def test_pinned_floors_say_where_they_ran_and_have_a_section_of_their_own_beside_the_rigs() -> None:
-    placement = scaling.MeasurePlan(server_cpus=frozenset({0}), client_cpus=frozenset({1}), client_processes=4)
+    plan = placement.MeasurePlan(repeats=2, duration_s=5.0, server_cpus=frozenset({0}), client_cpus=frozenset({1}),
+                                 client_processes=4)
     rows = [{**row, "server_cpus": "0"} for row in floor_rows()]
-    section = scaling.render_floors(rows, "python -m clients.bench.scaling floors --server-cpus 0", "2026-12-07 12:00",
-                                    2, 5.0, (1.0, 1.0, 1.0), placement=placement)
-    begin, end = scaling.SECTIONS["floors-pinned"]
+    section = scaling.render_floors(rows, plan, "python -m clients.bench.scaling floors --server-cpus 0",
+                                    "2026-12-07 12:00", (1.0, 1.0, 1.0))
+    begin, end = sections.SECTIONS["floors-pinned"]
     assert section.startswith(begin) and section.rstrip().endswith(end)
     assert "and ours, placed otherwise" in section
     assert ("each server pinned to CPU 0, the load generator pinned to CPU 1 (cores of its own) "
             "(the server's processes' affinity, read back: 0)") in section
     assert "charrnn-loadgen in 4 processes" in section
-    unpinned = scaling.render_floors(floor_rows(), "floors", "2026-12-07 12:00", 2, 5.0, (1.0, 1.0, 1.0))
+    unpinned = scaling.render_floors(floor_rows(), placement.MeasurePlan(repeats=2, duration_s=5.0), "floors",
+                                     "2026-12-07 12:00", (1.0, 1.0, 1.0))
     assert "the load generator shares the cores with each server" in unpinned
-    document = scaling.with_section(scaling.with_section("# P\n", "floors", unpinned), "floors-pinned", section)
-    assert scaling.section_of(document, "floors") == unpinned and scaling.section_of(document, "floors-pinned") == section
+    document = sections.with_section(sections.with_section("# P\n", "floors", unpinned), "floors-pinned", section)
+    assert sections.section_of(document, "floors") == unpinned and sections.section_of(document, "floors-pinned") == section
+
+
+def test_the_benchmark_keeps_every_generated_section_the_file_had() -> None:
+    previous = "# Performance\n\nold body\n"
+    for name, (begin, end) in sections.SECTIONS.items():
+        previous = sections.with_section(previous, name, f"{begin}\n{name} figures\n{end}\n")
+    rewritten = sections.with_sections_of(previous, "# Performance\n\nnew body\n")
+    assert "new body" in rewritten and "old body" not in rewritten
+    for name in sections.SECTIONS:
+        assert sections.section_of(rewritten, name) == sections.section_of(previous, name)

@@ -251,14 +251,14 @@ def test_the_workers_benchmark_pins_server_and_load_generator_apart_and_counts_t
 ) -> None:
     """clients.bench.scaling workers as a lent 16-core machine runs it (--server-cpus/--client-cpus/
     --client-processes), shrunk to one cell on this machine's CPUs."""
-    from clients.bench import scaling
+    from clients.bench import placement, scaling
 
     ours = os.sched_getaffinity(0)
     if len(ours) < 2:
         pytest.skip("pinning apart needs two usable CPUs (the CI machine has 2)")
     server_cpu, client_cpu = min(ours), max(ours)
     monkeypatch.setattr(scaling, "CELLS", ((1, 8),))
-    plan = scaling.MeasurePlan((2,), 1, 0.5, "cpu", frozenset({server_cpu}), frozenset({client_cpu}), 2,
+    plan = placement.MeasurePlan((2,), 1, 0.5, "cpu", frozenset({server_cpu}), frozenset({client_cpu}), 2,
                                unit_repository)
     (row,) = scaling.measure_workers(plan)
     assert row["provider"] == "CPUExecutionProvider"
@@ -276,13 +276,13 @@ def test_a_load_generator_pinned_alone_leaves_the_server_on_every_cpu(
 ) -> None:
     """--client-cpus without --server-cpus: the server, started from the pinned load generator, must not
     inherit its CPUs."""
-    from clients.bench import scaling
+    from clients.bench import placement, scaling
 
     ours = os.sched_getaffinity(0)
     if len(ours) < 2:
         pytest.skip("a pinned load generator is only told apart from the server with two usable CPUs")
     monkeypatch.setattr(scaling, "CELLS", ((1, 1),))
-    plan = scaling.MeasurePlan((1,), 1, 0.3, "cpu", None, frozenset({max(ours)}), 1, unit_repository)
+    plan = placement.MeasurePlan((1,), 1, 0.3, "cpu", None, frozenset({max(ours)}), 1, unit_repository)
     (row,) = scaling.measure_workers(plan)
-    assert row["server_cpus"] == scaling._cpus_text(frozenset(ours)), row
+    assert row["server_cpus"] == placement.cpus_text(frozenset(ours)), row
     assert row["errors"] == {}

@@ -34,13 +34,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from clients.bench import scaling
 from clients.bench.cells import run_cells, run_target_repeats, run_tuning
 from clients.bench.environment import export_repository, machine_info
 from clients.bench.inprocess import measure_handler, measure_inprocess
-from clients.bench.perf_analyzer import section_of, with_section
 from clients.bench.plan import FULL, LARGE_MODEL, MAIN_MODEL, QUICK, Plan, Report, log
 from clients.bench.report import fmt, render
+from clients.bench.sections import with_sections_of
 from clients.bench.servers import RssSampler, hwm_mib, providers_of, rss_mib, start_servers
 from clients.bench.targets import evaluate
 from server.config import parse_config
@@ -130,16 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.elapsed_s = time.monotonic() - started
     checks = evaluate(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # The perf_analyzer section is another generator's (clients.bench.perf_analyzer): kept as it was.
+    # The sections other generators wrote (clients.bench.sections: perf_analyzer, scaling's) are kept as they were.
     previous = args.out.read_text() if args.out.exists() else ""
-    kept = section_of(previous) if previous else None
-    text = render(report, checks)
-    text = text if kept is None else with_section(text, kept)
-    for name in scaling.SECTIONS:  # and clients.bench.scaling's (workers, peer rig)
-        section = scaling.section_of(previous, name)
-        if section is not None:
-            text = scaling.with_section(text, name, section)
-    args.out.write_text(text)
+    args.out.write_text(with_sections_of(previous, render(report, checks)))
     if args.json is not None:
         args.json.write_text(json.dumps({**asdict(report), "checks": [asdict(c) for c in checks]}, indent=2))
     log(f"wrote {args.out} in {report.elapsed_s / 60:.1f} min")
